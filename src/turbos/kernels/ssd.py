@@ -1,0 +1,129 @@
+"""The Mamba2 state-space duality (SSD) scan: chunked (fast) and sequential (reference) forms.
+
+Per head h the recurrence is, for t = 1..T (report §2.2; Dao & Gu 2024)::
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t (outer) B_t      # (P, N)
+    y_t     = state_t @ C_t + D_h * x_t
+
+B and C are shared by the heads of a group. The chunked form splits time into chunks of Q steps:
+inside a chunk the output is a masked (Q x Q) "attention" of C against B weighted by the decay
+between positions; across chunks only the (P, N) state is carried, so cost is linear in T.
+Everything here runs in fp32 whatever the input dtype (report §5: fp32 Mamba state).
+
+Shapes: x (b, T, h, p); dt (b, T, h), already softplus'ed and clamped; A (h,), negative;
+B, C (b, T, g, n); D (h,); state (b, h, p, n).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step. x (b, h, p); dt (b, h); B, C (b, g, n); state (b, h, p, n).
+
+    Returns (y (b, h, p), new_state); both fp32.
+    """
+    heads, groups = x.shape[1], B.shape[1]
+    x, dt = x.float(), dt.float()
+    B = B.float().repeat_interleave(heads // groups, dim=1)  # (b, h, n)
+    C = C.float().repeat_interleave(heads // groups, dim=1)
+    decay = torch.exp(dt * A.float())[..., None, None]  # (b, h, 1, 1)
+    state = state.float() * decay + (x * dt[..., None])[..., None] * B[:, :, None, :]
+    y = (state @ C[..., None]).squeeze(-1)
+    if D is not None:
+        y = y + x * D.float()[:, None]
+    return y, state
+
+
+def ssd_sequential_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the recurrence one step at a time. Returns (y (b, T, h, p), final state)."""
+    b, T, h, p = x.shape
+    state = (
+        initial_state.float()
+        if initial_state is not None
+        else x.new_zeros(b, h, p, B.shape[-1], dtype=torch.float32)
+    )
+    ys = []
+    for t in range(T):
+        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan for any T (padded up to a multiple of chunk_size internally).
+
+    Returns (y (b, T, h, p) fp32, final state (b, h, p, n) fp32).
+    """
+    b, T, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r, q = h // g, chunk_size
+    pad = (-T) % q
+    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    if pad:  # dt = 0 on padding: no decay and no input, so the final state is unaffected
+        xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+    c = (T + pad) // q
+
+    # Heads split as (g, r): r heads share the group's B and C. Layout (b, c, g, r, q, ...).
+    xdt = (xf * dtf[..., None]).view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)
+    a_cum = (dtf * A.float()).view(b, c, q, g, r).permute(0, 1, 3, 4, 2).cumsum(-1)  # (b,c,g,r,q)
+    Bc = Bf.view(b, c, q, g, n).permute(0, 1, 3, 2, 4)  # (b, c, g, q, n)
+    Cc = Cf.view(b, c, q, g, n).permute(0, 1, 3, 2, 4)
+
+    # 1. Within each chunk: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) xdt[s]
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
+    scores = (Cc @ Bc.transpose(-1, -2))[:, :, :, None] * seg.exp()  # (b, c, g, r, q, q)
+    y = scores @ xdt  # (b, c, g, r, q, p)
+
+    # 2. Each chunk's own contribution to the state at its end.
+    to_end = (a_cum[..., -1:] - a_cum).exp()[..., None]  # (b, c, g, r, q, 1)
+    chunk_states = (xdt * to_end).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, c, g, r, p, n)
+
+    # 3. Pass states across chunks (linear in the number of chunks).
+    chunk_decay = a_cum[..., -1].exp()[..., None, None]  # (b, c, g, r, 1, 1)
+    if initial_state is None:
+        state = xf.new_zeros(b, g, r, p, n)
+    else:
+        state = initial_state.float().reshape(b, g, r, p, n)
+    starts = []
+    for ci in range(c):
+        starts.append(state)
+        state = state * chunk_decay[:, ci] + chunk_states[:, ci]
+    start_states = torch.stack(starts, dim=1)  # (b, c, g, r, p, n)
+
+    # 4. What the state carried into each chunk adds to its outputs.
+    y = y + (Cc[:, :, :, None] @ start_states.transpose(-1, -2)) * a_cum.exp()[..., None]
+
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :T]
+    if D is not None:
+        y = y + xf[:, :T] * D.float()[:, None]
+    return y, state.reshape(b, h, p, n)
