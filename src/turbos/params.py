@@ -1,0 +1,97 @@
+"""Parameter accounting by component, computed from the config alone (no weights built).
+
+Activated parameters are those a single token's forward pass touches: everything except the
+routed experts, of which only top_k of num_experts run. The input embedding is a lookup but is
+counted as activated, as the report's figures and most MoE papers do.
+"""
+
+from __future__ import annotations
+
+from turbos.config import TurboSConfig
+
+
+def count_parameters(config: TurboSConfig) -> dict[str, dict[str, int]]:
+    """{component: {"total": n, "activated": n}} plus a "total" row."""
+    c = config
+    counts = c.layer_types
+    n_attn, n_mamba, n_ffn = counts.count("A"), counts.count("M"), counts.count("F")
+    H = c.hidden_size
+    rows: dict[str, tuple[int, int]] = {}
+
+    emb = c.vocab_size * H
+    rows["embeddings"] = (emb, emb)
+    if not c.tie_word_embeddings:
+        rows["lm_head"] = (emb, emb)
+
+    d = c.attn_head_dim
+    qo = 2 * H * c.num_attention_heads * d
+    kv = 2 * H * c.num_key_value_heads * d
+    bias = (2 * c.num_attention_heads * d + 2 * c.num_key_value_heads * d) if c.attention_bias else 0
+    qk_norm = 2 * d if c.use_qk_norm else 0
+    attn = n_attn * (qo + kv + bias + qk_norm)
+    rows["attention"] = (attn, attn)
+
+    di, conv_dim, nh = c.mamba_intermediate_size, c.mamba_conv_dim, c.mamba_num_heads
+    in_proj = H * (di + conv_dim + nh) + ((di + conv_dim + nh) if c.mamba_proj_bias else 0)
+    out_proj = di * H + (H if c.mamba_proj_bias else 0)
+    conv = conv_dim * c.mamba_conv_kernel + (conv_dim if c.mamba_conv_bias else 0)
+    mamba = n_mamba * (in_proj + conv + 3 * nh + di + out_proj)  # dt_bias, A_log, D; gated norm
+    rows["mamba2"] = (mamba, mamba)
+
+    if c.ffn_type == "dense":
+        dense = n_ffn * 3 * H * c.intermediate_size
+        rows["dense_ffn"] = (dense, dense)
+    else:
+        shared = n_ffn * 3 * H * c.num_shared_experts * c.shared_intermediate_size
+        routed_one = 3 * H * c.expert_intermediate_size
+        routed = n_ffn * c.num_experts * routed_one
+        rows["shared_experts"] = (shared, shared)
+        rows["routed_experts"] = (routed, n_ffn * c.num_experts_per_tok * routed_one)
+        router = n_ffn * H * c.num_experts
+        rows["router"] = (router, router)
+
+    norms = (len(counts) + 1) * H
+    rows["norms"] = (norms, norms)
+    out = {k: {"total": t, "activated": a} for k, (t, a) in rows.items()}
+    out["total"] = {
+        "total": sum(t for t, _ in rows.values()),
+        "activated": sum(a for _, a in rows.values()),
+    }
+    return out
+
+
+def component_of(parameter_name: str) -> str:
+    """The accounting row a parameter of TurboSForCausalLM belongs to (used by tests)."""
+    if parameter_name.startswith("model.embed_tokens"):
+        return "embeddings"
+    if parameter_name.startswith("lm_head"):
+        return "lm_head"
+    if parameter_name.endswith("norm.weight") and ".mixer." not in parameter_name:
+        return "norms"
+    if (
+        ".mixer.q_proj" in parameter_name
+        or "layernorm" in parameter_name
+        or ".mixer.k_proj" in parameter_name
+    ):
+        return "attention"
+    if ".mixer.v_proj" in parameter_name or ".mixer.o_proj" in parameter_name:
+        return "attention"
+    if ".mixer.shared_mlp." in parameter_name:
+        return "shared_experts"
+    if ".mixer.experts." in parameter_name:
+        return "routed_experts"
+    if ".mixer.gate." in parameter_name:
+        return "router"
+    if any(
+        k in parameter_name
+        for k in (".in_proj", ".conv1d", ".dt_bias", ".A_log", ".D", ".out_proj", ".norm.")
+    ):
+        return "mamba2"
+    return "dense_ffn"
+
+
+def format_count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
