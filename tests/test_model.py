@@ -1,0 +1,114 @@
+"""TurboSForCausalLM: loss, gradients, dtypes, dense ablation, save/load, layout-driven layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import small_config
+from turbos.config import ConfigError
+from turbos.model import TurboSForCausalLM
+from turbos.model.attention import Attention
+from turbos.model.hybrid import IGNORE_INDEX
+from turbos.model.mamba2 import Mamba2Mixer
+from turbos.model.moe import MoE, SwiGLU
+
+
+def test_layers_follow_the_layout() -> None:
+    model = TurboSForCausalLM(small_config(layout="AMF MF F"))
+    kinds = [type(layer.mixer) for layer in model.model.layers]
+    assert kinds == [Attention, Mamba2Mixer, MoE, Mamba2Mixer, MoE, MoE]
+
+
+def test_loss_ignores_masked_labels_and_includes_aux_loss() -> None:
+    model = TurboSForCausalLM(small_config())
+    ids = torch.randint(0, 97, (2, 16))
+    labels = ids.clone()
+    labels[:, :8] = IGNORE_INDEX
+    out = model(ids, labels=labels)
+    logits = out.logits[:, 7:-1].reshape(-1, 97)
+    expected = torch.nn.functional.cross_entropy(logits, ids[:, 8:].reshape(-1))
+    assert torch.allclose(out.lm_loss, expected, atol=1e-6)
+    assert out.aux_loss > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    model = TurboSForCausalLM(small_config()).train()
+    ids = torch.randint(0, 97, (4, 24))
+    model(ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no (finite) gradient for {missing}"
+
+
+def test_a_few_steps_of_training_reduce_the_loss() -> None:
+    model = TurboSForCausalLM(small_config()).train()
+    ids = torch.randint(0, 97, (8, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first, (first, loss.item())
+
+
+def test_dense_ffn_ablation_has_no_router() -> None:
+    model = TurboSForCausalLM(small_config(ffn_type="dense", intermediate_size=48))
+    assert all(isinstance(layer.mixer, SwiGLU) for layer in model.model.layers if layer.kind == "F")
+    out = model(torch.randint(0, 97, (1, 10)), labels=torch.randint(0, 97, (1, 10)))
+    assert out.aux_loss.item() == 0 and out.moe_stats == []
+
+
+def test_bf16_model_runs_and_stays_close_to_fp32() -> None:
+    model = TurboSForCausalLM(small_config()).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+        low = model.to(torch.bfloat16)(ids).logits.float()
+    # bf16 has ~3 significant digits; logits of a random init are O(1): 5% of their spread.
+    assert (low - ref).abs().max() <= 0.05 * ref.std() * 10, (low - ref).abs().max()
+
+
+def test_tied_embeddings_share_storage_and_round_trip(tmp_path) -> None:
+    model = TurboSForCausalLM(small_config(tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    loaded = TurboSForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_save_and_load_round_trip_exactly(tmp_path) -> None:
+    model = TurboSForCausalLM(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = TurboSForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_loading_weights_that_do_not_match_the_config_fails_clearly(tmp_path) -> None:
+    TurboSForCausalLM(small_config()).save_pretrained(tmp_path)
+    small_config(layout="AMF MF").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not match config.json"):
+        TurboSForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"layout": "AQF"}')
+    with pytest.raises(ConfigError, match="unknown layer letter"):
+        TurboSForCausalLM.from_pretrained(tmp_path)
+
+
+def test_wrong_attention_mask_shape_is_rejected() -> None:
+    model = TurboSForCausalLM(small_config())
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_ssm_parameters_are_marked_for_no_weight_decay() -> None:
+    model = TurboSForCausalLM(small_config())
+    marked = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    assert marked == {"A_log", "D", "dt_bias"}

@@ -1,0 +1,104 @@
+"""Recycle routing and the MoE layer's training-time capacity (Hunyuan-Large)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import small_config
+from turbos.model.moe import MoE, recycle_overflow_tokens
+
+
+def check_invariants(before: torch.Tensor, after: torch.Tensor, capacity: int, experts: int, recycled, dropped):
+    load = torch.bincount(after[after >= 0], minlength=experts)
+    assert (load <= capacity).all(), f"capacity {capacity} exceeded: {load.tolist()}"
+    changed = (before != after) & (before >= 0)
+    n_dropped = int(((after < 0) & (before >= 0)).sum())
+    n_recycled = int((changed & (after >= 0)).sum())
+    assert (n_recycled, n_dropped) == (recycled, dropped), "reported counts must add up"
+    assert int((before >= 0).sum()) == int((after >= 0).sum()) + dropped, "every assignment is kept or dropped"
+    for row in after:  # a token never takes the same expert twice
+        chosen = row[row >= 0]
+        assert len(chosen.unique()) == len(chosen)
+    return load
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_assignment_is_lost_while_an_expert_has_room(seed: int) -> None:
+    torch.manual_seed(seed)
+    N, k, E = 64, 2, 8
+    # Skewed routing: most tokens want experts 0 and 1.
+    first = torch.where(torch.rand(N) < 0.8, torch.zeros(N, dtype=torch.long), torch.randint(0, E, (N,)))
+    second = (first + 1 + torch.randint(0, 2, (N,))) % E
+    idx = torch.stack([first, second], 1)
+    capacity = 20  # total room 160 >= 128 assignments: nothing may be dropped
+    after, recycled, dropped = recycle_overflow_tokens(idx, capacity, E)
+    load = check_invariants(idx, after, capacity, E, recycled, dropped)
+    assert dropped == 0 and recycled > 0
+    assert int(load.sum()) == N * k
+
+
+def test_drops_only_when_experts_are_full() -> None:
+    N, k, E = 40, 2, 4
+    idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.ones(N, dtype=torch.long)], 1)
+    capacity = 15  # room 60 < 80 assignments
+    after, recycled, dropped = recycle_overflow_tokens(idx, capacity, E)
+    load = check_invariants(idx, after, capacity, E, recycled, dropped)
+    assert dropped == 80 - 60 and (load == capacity).all(), load
+
+
+def test_first_choices_claim_capacity_before_second_choices() -> None:
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    after, _, _ = recycle_overflow_tokens(idx, capacity=2, num_experts=3)
+    assert after[:, 0].tolist() == [0, 1, 0], "every first choice fits and must be kept"
+
+
+def test_nothing_changes_when_under_capacity() -> None:
+    idx = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    after, recycled, dropped = recycle_overflow_tokens(idx, capacity=2, num_experts=4)
+    assert torch.equal(after, idx) and recycled == dropped == 0
+
+
+def test_padding_assignments_are_ignored() -> None:
+    idx = torch.tensor([[0, 1], [-1, -1], [0, 1], [0, 1]])
+    after, recycled, dropped = recycle_overflow_tokens(idx, capacity=2, num_experts=4)
+    assert after[1].tolist() == [-1, -1] and dropped == 0 and recycled == 2
+
+
+def test_moe_applies_capacity_only_in_training() -> None:
+    config = small_config(num_experts=4, capacity_factor=0.5)
+    moe = MoE(config)
+    with torch.no_grad():
+        moe.gate.wg.weight.zero_()
+        moe.gate.wg.weight[0] = 1.0  # route everything to expert 0 (and one more)
+    x = torch.rand(2, 32, config.hidden_size) + 0.1
+    moe.train()
+    _, _, stats = moe(x)
+    cap = moe.capacity(64)
+    assert int(stats.expert_load.max()) <= cap
+    assert stats.recycled + stats.dropped > 0 and stats.assignments == 128
+    assert int(stats.expert_load.sum()) + stats.dropped == 128
+    moe.eval()
+    _, _, stats = moe(x)
+    assert stats.recycled == stats.dropped == 0 and int(stats.expert_load.sum()) == 128
+
+
+def test_load_balancing_loss_is_minimal_for_uniform_routing() -> None:
+    config = small_config(num_experts=4, router_aux_loss_coef=1.0)
+    moe = MoE(config).eval()
+    x = torch.randn(4, 64, config.hidden_size)
+    with torch.no_grad():
+        moe.gate.wg.weight.zero_()
+        _, balanced, _ = moe(x)
+        moe.gate.wg.weight[0] = 5.0
+        _, skewed, _ = moe(x.abs())
+    assert balanced.item() == pytest.approx(1.0, abs=0.05), "E * sum f P = 1 at perfect balance"
+    assert skewed.item() > 1.3 * balanced.item()
+
+
+def test_router_z_loss_is_added_when_enabled() -> None:
+    x = torch.randn(2, 8, 64)
+    base = MoE(small_config(router_aux_loss_coef=0.0)).eval()
+    with_z = MoE(small_config(router_aux_loss_coef=0.0, router_z_loss_coef=1e-3)).eval()
+    with_z.load_state_dict(base.state_dict())
+    assert base(x)[1].item() == 0 and with_z(x)[1].item() > 0
