@@ -85,7 +85,9 @@ def test_560b_preset_has_the_reports_architecture() -> None:
 def test_560b_parameter_count_lands_near_the_report() -> None:
     total = count_parameters(get_preset("turbos-560b"))["total"]
     assert abs(total["total"] / 560e9 - 1) < 0.01, f"total {total['total']:.4g} not within 1% of 560B"
-    assert abs(total["activated"] / 56e9 - 1) < 0.02, f"activated {total['activated']:.4g} not within 2% of 56B"
+    assert abs(total["activated"] / 56e9 - 1) < 0.02, (
+        f"activated {total['activated']:.4g} not within 2% of 56B"
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

@@ -90,7 +90,7 @@ def test_mamba2_decode_steps_match_nemotron_h() -> None:
     ours, ref = mamba_pair()
     x = torch.randn(2, 17, 64)
     hf_cache = DynamicCache(config=ref.config)
-    cache = MambaCache(torch.zeros(2, ours.conv_dim, ours.conv_kernel - 1), torch.zeros(2, 4, 16, 8))
+    cache = MambaCache(torch.zeros(2, ours.conv_kernel - 1, ours.conv_dim), torch.zeros(2, 4, 16, 8))
     with torch.no_grad():
         outs = [(ours(x[:, :11], cache), ref(x[:, :11], cache_params=hf_cache))]
         for t in range(11, 17):

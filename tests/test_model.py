@@ -110,5 +110,7 @@ def test_wrong_attention_mask_shape_is_rejected() -> None:
 
 def test_ssm_parameters_are_marked_for_no_weight_decay() -> None:
     model = TurboSForCausalLM(small_config())
-    marked = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    marked = {
+        n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)
+    }
     assert marked == {"A_log", "D", "dt_bias"}

@@ -90,7 +90,7 @@ def test_cache_is_fp32_and_attention_cache_only_grows_in_attention_layers() -> N
         model(ids, past_key_values=cache)
         model(ids[:, :1], past_key_values=cache)
     kinds = model.config.layer_types
-    for kind, layer in zip(kinds, cache.layers):
+    for kind, layer in zip(kinds, cache.layers, strict=True):
         if kind == "M":
             assert layer.ssm_state.dtype == torch.float32 and layer.conv_state.dtype == torch.float32
         elif kind == "A":

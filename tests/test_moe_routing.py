@@ -9,14 +9,18 @@ from conftest import small_config
 from turbos.model.moe import MoE, recycle_overflow_tokens
 
 
-def check_invariants(before: torch.Tensor, after: torch.Tensor, capacity: int, experts: int, recycled, dropped):
+def check_invariants(
+    before: torch.Tensor, after: torch.Tensor, capacity: int, experts: int, recycled, dropped
+):
     load = torch.bincount(after[after >= 0], minlength=experts)
     assert (load <= capacity).all(), f"capacity {capacity} exceeded: {load.tolist()}"
     changed = (before != after) & (before >= 0)
     n_dropped = int(((after < 0) & (before >= 0)).sum())
     n_recycled = int((changed & (after >= 0)).sum())
     assert (n_recycled, n_dropped) == (recycled, dropped), "reported counts must add up"
-    assert int((before >= 0).sum()) == int((after >= 0).sum()) + dropped, "every assignment is kept or dropped"
+    assert int((before >= 0).sum()) == int((after >= 0).sum()) + dropped, (
+        "every assignment is kept or dropped"
+    )
     for row in after:  # a token never takes the same expert twice
         chosen = row[row >= 0]
         assert len(chosen.unique()) == len(chosen)
@@ -39,7 +43,7 @@ def test_no_assignment_is_lost_while_an_expert_has_room(seed: int) -> None:
 
 
 def test_drops_only_when_experts_are_full() -> None:
-    N, k, E = 40, 2, 4
+    N, E = 40, 4
     idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.ones(N, dtype=torch.long)], 1)
     capacity = 15  # room 60 < 80 assignments
     after, recycled, dropped = recycle_overflow_tokens(idx, capacity, E)

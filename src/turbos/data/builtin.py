@@ -32,8 +32,7 @@ def _docstrings(node: ast.AST) -> Iterator[str]:
         if docstring:
             yield docstring
     for child in ast.iter_child_nodes(node):
-        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _docstrings(child)
+        yield from _docstrings(child)
 
 
 @dataclass(frozen=True)

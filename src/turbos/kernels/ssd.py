@@ -19,6 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# exp() of inputs below about -87 produces subnormal floats, which CPUs handle on a slow path.
+# Decays below exp(-60) ~ 1e-26 are zero at fp32 precision, so clamp there before exponentiating.
+_MIN_LOG_DECAY = -60.0
+
+
+def _decay(log_decay: torch.Tensor) -> torch.Tensor:
+    return log_decay.clamp(min=_MIN_LOG_DECAY).exp()
+
 
 def ssd_step(
     state: torch.Tensor,
@@ -99,17 +107,17 @@ def ssd_chunk_scan(
     Cc = Cf.view(b, c, q, g, n).permute(0, 1, 3, 2, 4)
 
     # 1. Within each chunk: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) xdt[s]
-    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
-    scores = (Cc @ Bc.transpose(-1, -2))[:, :, :, None] * seg.exp()  # (b, c, g, r, q, q)
+    causal = torch.ones(q, q, device=x.device).tril()
+    decay = _decay(a_cum[..., :, None] - a_cum[..., None, :]) * causal  # (b, c, g, r, q, q)
+    scores = decay * (Cc @ Bc.transpose(-1, -2))[:, :, :, None]
     y = scores @ xdt  # (b, c, g, r, q, p)
 
     # 2. Each chunk's own contribution to the state at its end.
-    to_end = (a_cum[..., -1:] - a_cum).exp()[..., None]  # (b, c, g, r, q, 1)
+    to_end = _decay(a_cum[..., -1:] - a_cum)[..., None]  # (b, c, g, r, q, 1)
     chunk_states = (xdt * to_end).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, c, g, r, p, n)
 
     # 3. Pass states across chunks (linear in the number of chunks).
-    chunk_decay = a_cum[..., -1].exp()[..., None, None]  # (b, c, g, r, 1, 1)
+    chunk_decay = _decay(a_cum[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
     if initial_state is None:
         state = xf.new_zeros(b, g, r, p, n)
     else:
@@ -121,9 +129,9 @@ def ssd_chunk_scan(
     start_states = torch.stack(starts, dim=1)  # (b, c, g, r, p, n)
 
     # 4. What the state carried into each chunk adds to its outputs.
-    y = y + (Cc[:, :, :, None] @ start_states.transpose(-1, -2)) * a_cum.exp()[..., None]
+    y = y + (Cc[:, :, :, None] @ start_states.transpose(-1, -2)) * _decay(a_cum)[..., None]
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :T]
     if D is not None:
-        y = y + xf[:, :T] * D.float()[:, None]
+        y = torch.addcmul(y, xf[:, :T], D.float()[:, None])
     return y, state.reshape(b, h, p, n)

@@ -31,8 +31,8 @@ class AttentionCache:
 
 @dataclass
 class MambaCache:
-    """conv_state: last (kernel - 1) conv inputs (batch, conv_dim, kernel - 1); ssm_state: (batch,
-    heads, head_dim, state_size). Both fp32."""
+    """conv_state: the last (kernel - 1) conv inputs, (batch, kernel - 1, conv_dim); ssm_state:
+    (batch, heads, head_dim, state_size). Both fp32."""
 
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
@@ -53,7 +53,7 @@ class HybridCache:
                 self.layers.append(AttentionCache())
             elif kind == "M":
                 conv = torch.zeros(
-                    batch_size, config.mamba_conv_dim, config.mamba_conv_kernel - 1, device=device
+                    batch_size, config.mamba_conv_kernel - 1, config.mamba_conv_dim, device=device
                 )
                 ssm = torch.zeros(
                     batch_size,

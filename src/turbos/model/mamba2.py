@@ -67,17 +67,25 @@ class Mamba2Mixer(nn.Module):
         self.D.fill_(1.0)
 
     def _conv(self, xbc: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
-        """Causal depthwise conv over time. xbc: (b, conv_dim, T) -> same shape, before SiLU."""
-        T = xbc.shape[-1]
-        weight = self.conv1d.weight  # (conv_dim, 1, K)
+        """Causal depthwise conv over time, before SiLU. xbc: (b, T, conv_dim) -> same shape.
+
+        Written as K shifted multiply-adds in the (time, channel) layout: on CPU this is about twice
+        as fast as a grouped conv1d plus the two transposes it needs, and prefill and decode share it.
+        """
+        T, K = xbc.shape[1], self.conv_kernel
         if cache is None:
-            return self.conv1d(xbc)[..., :T]
-        window = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=-1)  # (b, conv_dim, K-1+T)
-        cache.conv_state = window[..., window.shape[-1] - (self.conv_kernel - 1) :].float()
-        if T == 1:  # decode: one dot product per channel
-            out = (window * weight[:, 0]).sum(-1, keepdim=True)
-            return out if self.conv1d.bias is None else out + self.conv1d.bias[:, None]
-        return F.conv1d(window, weight, self.conv1d.bias, groups=self.conv_dim)
+            window = F.pad(xbc, (0, 0, K - 1, 0))
+        else:
+            window = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=1)  # (b, K-1+T, conv_dim)
+            cache.conv_state = window[:, window.shape[1] - (K - 1) :].to(torch.float32, copy=True)
+        weight = self.conv1d.weight[:, 0].to(xbc.dtype)  # (conv_dim, K)
+        if self.conv1d.bias is None:
+            out = window[:, K - 1 :] * weight[:, K - 1]
+        else:
+            out = torch.addcmul(self.conv1d.bias.to(xbc.dtype), window[:, K - 1 :], weight[:, K - 1])
+        for j in range(K - 1):
+            out = out.addcmul(window[:, j : j + T], weight[:, j])
+        return out
 
     def forward(
         self,
@@ -94,7 +102,7 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xbc = xbc * mask
-        xbc = F.silu(self._conv(xbc.transpose(1, 2), cache)).transpose(1, 2)
+        xbc = F.silu(self._conv(xbc, cache))
         if mask is not None:
             xbc = xbc * mask
         x, B, C = xbc.split(

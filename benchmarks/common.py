@@ -1,0 +1,90 @@
+"""Shared helpers for benchmarks: timing, results files, and Hugging Face baselines of the same shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from turbos.config import TurboSConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+
+
+def nemotron_h_like(config: TurboSConfig):
+    """A Hugging Face NemotronH causal LM with our dimensions: same layer order (A -> attention,
+    M -> Mamba2, F -> MoE or MLP), widths, heads, groups, state, chunk and experts.
+
+    Differences that remain are NemotronH's own design: its experts are non-gated ReLU^2 MLPs
+    (2 matrices; ours are SwiGLU, 3), sigmoid routing, and no RoPE in attention.
+    """
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    kinds = {
+        "A": "full_attention",
+        "M": "linear_attention",
+        "F": "moe" if config.ffn_type == "moe" else "mlp",
+    }
+    hf = NemotronHConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        layers_block_type=[kinds[k] for k in config.layer_types],
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.attn_head_dim,
+        mamba_num_heads=config.mamba_num_heads,
+        mamba_head_dim=config.mamba_head_dim,
+        n_groups=config.mamba_n_groups,
+        ssm_state_size=config.mamba_state_size,
+        chunk_size=config.mamba_chunk_size,
+        conv_kernel=config.mamba_conv_kernel,
+        intermediate_size=config.intermediate_size,
+        n_routed_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        moe_intermediate_size=config.expert_intermediate_size,
+        moe_shared_expert_intermediate_size=config.shared_intermediate_size * config.num_shared_experts,
+        n_group=1,
+        topk_group=1,
+        tie_word_embeddings=config.tie_word_embeddings,
+        max_position_embeddings=config.max_position_embeddings,
+    )
+    hf._attn_implementation = "sdpa"
+    return NemotronHForCausalLM(hf).eval()
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

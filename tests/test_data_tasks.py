@@ -1,0 +1,155 @@
+"""Reasoning tasks: reproducible, split-disjoint problem sets with genuine derivations and exact verifiers."""
+
+import random
+import statistics
+from collections import Counter
+
+import pytest
+
+from turbos.data.tasks import (
+    TASK_FAMILIES,
+    extract_answer,
+    generate_problems,
+    render_document,
+    render_short,
+    render_steps,
+    split_of,
+    verify,
+)
+from turbos.data.tasks.expr import render
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return generate_problems(1000, seed=0)
+
+
+def test_every_family_has_levels_one_to_five():
+    assert set(TASK_FAMILIES) >= {"add", "expr", "seq", "chain"}
+    assert all(family.levels == (1, 2, 3, 4, 5) for family in TASK_FAMILIES.values())
+
+
+def test_same_seed_gives_the_same_problems():
+    assert generate_problems(100, seed=7) == generate_problems(100, seed=7)
+    assert generate_problems(100, seed=7) != generate_problems(100, seed=8)
+
+
+def test_problems_are_balanced_over_families_and_levels(problems):
+    counts = Counter((p.family, p.level) for p in problems)
+    assert len(counts) == 20 and set(counts.values()) == {50}
+
+
+def test_problems_are_distinct_within_a_split(problems):
+    assert len({p.question for p in problems}) == len(problems)
+    assert len({p.uid for p in problems}) == len(problems)
+
+
+def test_train_and_test_never_overlap():
+    train = {p.question for p in generate_problems(2000, split="train", seed=1)}
+    test = {p.question for p in generate_problems(500, split="test", seed=2)}
+    assert not train & test
+    assert {split_of(q) for q in train} == {"train"} and {split_of(q) for q in test} == {"test"}
+
+
+def test_a_level_with_too_few_problems_gives_all_it_has_and_others_make_up():
+    problems = generate_problems(400, families=["add"], levels=[1, 2])
+    counts = Counter(p.level for p in problems)
+    assert len(problems) == 400 and counts[1] < 100, "single-digit addition has only 100 questions"
+
+
+def test_asking_for_more_problems_than_exist_is_an_error():
+    with pytest.raises(ValueError, match="distinct"):
+        generate_problems(200, families=["add"], levels=[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"families": ["nope"]}, {"levels": [6]}, {"levels": [0]}, {"split": "validation"}],
+)
+def test_unknown_family_level_or_split_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        generate_problems(10, **kwargs)
+
+
+def test_every_problem_verifies_with_its_steps_and_its_short_answer(problems):
+    for p in problems:
+        assert verify(p, render_steps(p)), render_steps(p)
+        assert verify(p, render_short(p)), render_short(p)
+
+
+def test_wrong_answers_fail(problems):
+    for p in problems:
+        wrong = str(int(p.answer) + 1) if p.answer.isdigit() else p.answer + "x"
+        assert not verify(p, f"Answer: {wrong}")
+        assert not verify(p, render_steps(p).replace("Answer:", "Result:"))
+
+
+def test_hard_levels_have_more_steps_than_easy_ones(problems):
+    for name in TASK_FAMILIES:
+        by_level = [[p for p in problems if (p.family, p.level) == (name, level)] for level in range(1, 6)]
+        means = [statistics.mean(len(p.steps) for p in level) for level in by_level]
+        assert means == sorted(means) and means[-1] >= means[0] + 3, f"{name}: mean steps {means}"
+
+
+def test_texts_fit_a_small_context(problems):
+    for p in problems:
+        assert len(p.question) <= 64, p.question
+        assert max(len(step) for step in p.steps) <= 40, p.steps
+        assert len(render_steps(p)) <= 400
+
+
+def test_renderings_have_the_documented_shape(problems):
+    p = problems[0]
+    assert render_short(p) == f"Answer: {p.answer}"
+    assert render_steps(p) == "\n".join(p.steps) + f"\nAnswer: {p.answer}"
+    assert render_document(p) == f"Question: {p.question}\n{render_steps(p)}"
+
+
+def test_addition_steps_carry_digit_by_digit():
+    p = TASK_FAMILIES["add"].generate(3, random.Random(0))
+    a, b = (int(x) for x in p.question.removeprefix("What is ").removesuffix("?").split(" + "))
+    assert int(p.answer) == a + b
+    assert p.steps[-1].endswith(p.answer), "the digits written so far end as the answer"
+    assert len(p.steps) in (3, 4), "one step per column, plus one for a final carry"
+
+
+def test_expression_steps_each_reduce_one_operation_keeping_the_value():
+    rng = random.Random(0)
+    for _ in range(50):
+        p = TASK_FAMILIES["expr"].generate(5, rng)
+        expressions = [p.question.removeprefix("Evaluate: ")] + [s.split(": ")[1] for s in p.steps[:-1]]
+        assert all(eval(e) == int(p.answer) for e in expressions), p.steps  # our own digits and + - * only
+        assert [e.count(" ") // 2 for e in expressions] == [5, 4, 3, 2, 1], "one operation fewer each step"
+
+
+def test_expression_rendering_keeps_only_needed_parentheses():
+    assert render(("-", ("+", 1, 2), 3)) == "1 + 2 - 3"
+    assert render(("-", 1, ("+", 2, 3))) == "1 - (2 + 3)"
+    assert render(("*", ("+", 1, 2), 3)) == "(1 + 2) * 3"
+    assert render(("+", 1, ("*", 2, 3))) == "1 + 2 * 3"
+
+
+def test_chain_steps_end_with_everyone_in_order():
+    p = TASK_FAMILIES["chain"].generate(5, random.Random(0))
+    chain = p.steps[-2].split(">")
+    assert len(chain) == 6 and p.answer in (chain[0], chain[-1])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Answer: 42", "42"),
+        ("  answer :   42.  ", "42"),
+        ("Answer: +042", "42"),
+        ("Answer: -0", "0"),
+        ("Answer: -17", "-17"),
+        ("Answer: 1\nsome more thought\nAnswer: 2", "2"),
+        ("steps...\n</think>Answer: Bo", "Bo"),
+        ("Answer: Bo.", "Bo"),
+        ("the answer is 42", None),
+        ("Answer:   ", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
