@@ -21,11 +21,13 @@ import torch.nn.functional as F
 
 # exp() of inputs below about -87 produces subnormal floats, which CPUs handle on a slow path.
 # Decays below exp(-60) ~ 1e-26 are zero at fp32 precision, so clamp there before exponentiating.
+# Real decays are <= 1 (log <= 0); clamping at 0 too keeps the entries above the causal diagonal
+# (positive logs, masked afterwards) finite, since exp overflow to inf times the mask 0 is NaN.
 _MIN_LOG_DECAY = -60.0
 
 
 def _decay(log_decay: torch.Tensor) -> torch.Tensor:
-    return log_decay.clamp(min=_MIN_LOG_DECAY).exp()
+    return log_decay.clamp(min=_MIN_LOG_DECAY, max=0.0).exp()
 
 
 def ssd_step(
