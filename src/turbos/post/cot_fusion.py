@@ -1,0 +1,202 @@
+"""Adaptive long-short chain-of-thought fusion, SFT part (report §3.2.1).
+
+1. A short-CoT model answers every reasoning problem; the problem's verifier checks the answer.
+2. Correct: the training response is the short answer as the model wrote it.
+3. Wrong: a teacher sees the question and the failed attempt(s) and continues reasoning, with
+   reflection on the mistake, until it reaches the verified answer; a wrong continuation becomes
+   one more failed attempt and the teacher goes again (up to ``max_rounds``). The training
+   response is every failed attempt followed by the correct continuation, inside ``<think>``,
+   then the final answer::
+
+       <think>
+       Answer: 41                       <- the short model's failed attempt
+       That is not right. Let me work it out step by step.
+       8+9+0=17, write 7 carry 1: 7     <- the teacher's continuation (house style)
+       ...
+       </think>
+       Answer: 1357
+
+Reasoning data carries no mode prompt (the report stores plain <problem, response> pairs), so the
+model learns to decide on its own whether a problem needs thinking.
+
+Teachers are pluggable: ``BuiltinTeacher`` (our step-by-step solver), or anything with a
+``continue_reasoning(problem, attempts) -> str`` method, e.g. ``EndpointTeacher`` for any
+OpenAI-compatible server (a real reasoning model behind vLLM, or ``turbos serve``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from turbos.data.tasks import Problem, extract_answer, render_short, verify
+from turbos.data.tokenizer import END_THINK_TOKEN, THINK_TOKEN
+
+REFLECTION = "That is not right. Let me work it out step by step."
+_ANSWER_LINE = re.compile(r"^\s*answer\s*:.*$", re.IGNORECASE | re.MULTILINE)
+
+
+class Teacher(Protocol):
+    """Continues a failed attempt with long reasoning that should end in ``Answer: <answer>``."""
+
+    def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str: ...
+
+
+class BuiltinTeacher:
+    """Our exact step-by-step solver: a reflection line, the problem's derivation, the answer."""
+
+    def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
+        return "\n".join((REFLECTION, *problem.steps, render_short(problem)))
+
+
+class EndpointTeacher:
+    """A teacher behind an OpenAI-compatible ``/v1/chat/completions`` endpoint.
+
+    The teacher is shown the question and the failed attempts and asked to continue until the
+    right answer, ending with an ``Answer:`` line. Its reasoning (``reasoning_content`` when the
+    server separates it) and answer are rewritten into the house style by ``house_style``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str = "EMPTY",
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        timeout: float = 60.0,
+    ) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
+        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+
+    def prompt(self, problem: Problem, attempts: Sequence[str]) -> str:
+        tried = "\n".join(f"Attempt {i + 1}:\n{a.strip()}" for i, a in enumerate(attempts))
+        return (
+            f"{problem.question}\n\nEarlier attempts, all wrong:\n{tried}\n\n"
+            "Reflect on the mistake, then reason step by step to the correct answer. "
+            "End with a line 'Answer: <answer>'."
+        )
+
+    def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
+        reply = self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": self.prompt(problem, attempts)}],
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
+        message = reply.choices[0].message
+        reasoning = getattr(message, "reasoning_content", None) or ""
+        return house_style("\n".join(part for part in (reasoning, message.content or "") if part))
+
+
+def house_style(text: str) -> str:
+    """Rewrite a teacher's output into our style: think tags removed, blank lines collapsed, and a
+    single final ``Answer:`` line (the last answer the text gives)."""
+    answer = extract_answer(text)
+    body = text.replace(THINK_TOKEN, "").replace(END_THINK_TOKEN, "")
+    body = _ANSWER_LINE.sub("", body)
+    lines = [line.rstrip() for line in body.splitlines() if line.strip()]
+    if answer is not None:
+        lines.append(f"Answer: {answer}")
+    return "\n".join(lines)
+
+
+def strip_answer_lines(text: str) -> str:
+    return "\n".join(line for line in _ANSWER_LINE.sub("", text).splitlines() if line.strip())
+
+
+def long_response(problem: Problem, attempts: Sequence[str], continuation: str) -> str:
+    """Failed attempts + the correct continuation inside <think>, then the final answer."""
+    thoughts = [a.strip() for a in attempts] + [strip_answer_lines(continuation)]
+    return f"{THINK_TOKEN}\n" + "\n".join(thoughts) + f"\n{END_THINK_TOKEN}\n" + render_short(problem)
+
+
+@dataclass
+class FusedExample:
+    problem: Problem
+    response: str
+    thought: bool
+    """True when the short answer was wrong and the response carries long reasoning."""
+    teacher_rounds: int
+
+    def to_record(self) -> dict:
+        """One SFT JSONL record: a plain <problem, response> chat, no mode prompt."""
+        return {
+            "messages": [
+                {"role": "user", "content": self.problem.question},
+                {"role": "assistant", "content": self.response},
+            ],
+            "meta": {
+                "family": self.problem.family,
+                "level": self.problem.level,
+                "uid": self.problem.uid,
+                "thought": self.thought,
+                "teacher_rounds": self.teacher_rounds,
+            },
+        }
+
+
+def fuse_example(
+    problem: Problem, short_response: str, teacher: Teacher, max_rounds: int = 3
+) -> FusedExample | None:
+    """The fused training example for one problem, or None when the teacher never got it right."""
+    if verify(problem, short_response):
+        return FusedExample(problem, short_response.strip(), thought=False, teacher_rounds=0)
+    attempts = [short_response.strip() or "(no answer)"]
+    for round_ in range(1, max_rounds + 1):
+        continuation = teacher.continue_reasoning(problem, attempts)
+        if verify(problem, continuation):
+            return FusedExample(problem, long_response(problem, attempts, continuation), True, round_)
+        attempts.append(strip_answer_lines(continuation) or continuation.strip())
+    return None
+
+
+@dataclass
+class FusionStats:
+    total: int = 0
+    short: int = 0
+    long: int = 0
+    dropped: int = 0
+    by_level: dict[int, Counter] = field(default_factory=dict)
+
+    def add(self, problem: Problem, example: FusedExample | None) -> None:
+        kind = "dropped" if example is None else ("long" if example.thought else "short")
+        self.total += 1
+        setattr(self, kind, getattr(self, kind) + 1)
+        self.by_level.setdefault(problem.level, Counter())[kind] += 1
+
+    def to_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "short": self.short,
+            "long": self.long,
+            "dropped": self.dropped,
+            "by_level": {str(k): dict(v) for k, v in sorted(self.by_level.items())},
+        }
+
+
+def fuse_dataset(
+    problems: Sequence[Problem], short_responses: Sequence[str], teacher: Teacher, max_rounds: int = 3
+) -> tuple[list[FusedExample], FusionStats]:
+    """Fuse every problem with its short model response; returns the examples kept and counts."""
+    if len(problems) != len(short_responses):
+        raise ValueError(f"{len(problems)} problems but {len(short_responses)} short responses")
+    stats, examples = FusionStats(), []
+    for problem, response in zip(problems, short_responses, strict=True):
+        example = fuse_example(problem, response, teacher, max_rounds)
+        stats.add(problem, example)
+        if example is not None:
+            examples.append(example)
+    return examples, stats
+
+
+def write_jsonl(examples: Sequence[FusedExample], path) -> None:
+    with open(path, "w") as f:
+        for example in examples:
+            f.write(json.dumps(example.to_record()) + "\n")

@@ -1,0 +1,72 @@
+"""Adaptive long-short CoT fusion builds its data as the report says (§3.2.1)."""
+
+from __future__ import annotations
+
+from turbos.data.tasks import extract_answer, generate_problems, render_short, verify
+from turbos.post.cot_fusion import REFLECTION, BuiltinTeacher, fuse_dataset, fuse_example, house_style
+
+
+class ScriptedTeacher:
+    """Gets it wrong `wrong_rounds` times, then continues with the right derivation."""
+
+    def __init__(self, wrong_rounds: int) -> None:
+        self.wrong_rounds, self.calls = wrong_rounds, []
+
+    def continue_reasoning(self, problem, attempts):
+        self.calls.append(list(attempts))
+        if len(self.calls) <= self.wrong_rounds:
+            return f"Hmm, guessing again.\nAnswer: {int(problem.answer) + 1}"
+        return BuiltinTeacher().continue_reasoning(problem, attempts)
+
+
+def problems(n=12):
+    return generate_problems(n, families=["add", "expr"], levels=[3, 4], seed=3)
+
+
+def test_correct_short_answer_is_kept_as_is() -> None:
+    p = problems(1)[0]
+    ex = fuse_example(p, render_short(p), ScriptedTeacher(0))
+    assert ex.response == render_short(p) and not ex.thought and ex.teacher_rounds == 0
+
+
+def test_wrong_answer_becomes_attempt_plus_teacher_continuation() -> None:
+    p = problems(1)[0]
+    wrong = f"Answer: {int(p.answer) + 7}"
+    ex = fuse_example(p, wrong, ScriptedTeacher(0))
+    assert ex.thought and ex.teacher_rounds == 1
+    think, final = ex.response.split("</think>")
+    assert think.startswith("<think>\n" + wrong + "\n" + REFLECTION)
+    assert all(step in think for step in p.steps), "the whole derivation is inside <think>"
+    assert final.strip() == render_short(p) and verify(p, ex.response)
+    assert extract_answer(think) == extract_answer(wrong), "the only answer line in <think> is the attempt's"
+
+
+def test_teacher_is_asked_again_with_every_failed_attempt() -> None:
+    p = problems(1)[0]
+    teacher = ScriptedTeacher(wrong_rounds=2)
+    ex = fuse_example(p, "Answer: 0", teacher, max_rounds=3)
+    assert ex.teacher_rounds == 3 and len(teacher.calls) == 3
+    assert [len(c) for c in teacher.calls] == [1, 2, 3], "each round sees all failed attempts so far"
+    assert ex.response.count("Hmm, guessing again.") == 2 and verify(p, ex.response)
+
+
+def test_example_is_dropped_when_the_teacher_never_succeeds() -> None:
+    p = problems(1)[0]
+    assert fuse_example(p, "Answer: 0", ScriptedTeacher(wrong_rounds=5), max_rounds=3) is None
+
+
+def test_dataset_counts_and_records_carry_no_mode_prompt() -> None:
+    ps = problems(12)
+    short = [render_short(p) if i % 3 else "Answer: -1" for i, p in enumerate(ps)]
+    examples, stats = fuse_dataset(ps, short, BuiltinTeacher())
+    assert (stats.short, stats.long, stats.dropped) == (8, 4, 0) and len(examples) == 12
+    for ex in examples:
+        record = ex.to_record()
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["messages"][0]["content"] == ex.problem.question, "plain problem, no /think flag"
+        assert verify(ex.problem, record["messages"][1]["content"])
+
+
+def test_house_style_keeps_one_final_answer_line() -> None:
+    text = "<think>\nfirst 2+2=5?\n\nAnswer: 5\nno, 2+2=4\n</think>\n\nAnswer: 4."
+    assert house_style(text) == "first 2+2=5?\nno, 2+2=4\nAnswer: 4"
