@@ -26,7 +26,8 @@ def problems(n=12):
 def test_correct_short_answer_is_kept_as_is() -> None:
     p = problems(1)[0]
     ex = fuse_example(p, render_short(p), ScriptedTeacher(0))
-    assert ex.response == render_short(p) and not ex.thought and ex.teacher_rounds == 0
+    assert ex.response == "<think></think>" + render_short(p), "short answers sit behind an empty think block"
+    assert not ex.thought and ex.teacher_rounds == 0
 
 
 def test_wrong_answer_becomes_attempt_plus_teacher_continuation() -> None:

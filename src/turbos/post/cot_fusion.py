@@ -1,7 +1,10 @@
 """Adaptive long-short chain-of-thought fusion, SFT part (report §3.2.1).
 
 1. A short-CoT model answers every reasoning problem; the problem's verifier checks the answer.
-2. Correct: the training response is the short answer as the model wrote it.
+2. Correct: the training response is the short answer as the model wrote it, after an empty
+   ``<think></think>`` block. Every fused response opens a think block, so the model's first
+   decision is whether to close it at once; ``no_think`` inference primes exactly that empty
+   block (``turbos.serve.chat_template``), which the model has then seen in training.
 3. Wrong: a teacher sees the question and the failed attempt(s) and continues reasoning, with
    reflection on the mistake, until it reaches the verified answer; a wrong continuation becomes
    one more failed attempt and the teacher goes again (up to ``max_rounds``). The training
@@ -15,6 +18,8 @@
        ...
        </think>
        Answer: 1357
+
+A correct short answer becomes ``<think></think>Answer: 42``.
 
 Reasoning data carries no mode prompt (the report stores plain <problem, response> pairs), so the
 model learns to decide on its own whether a problem needs thinking.
@@ -111,6 +116,11 @@ def strip_answer_lines(text: str) -> str:
     return "\n".join(line for line in _ANSWER_LINE.sub("", text).splitlines() if line.strip())
 
 
+def short_form(answer: str) -> str:
+    """A direct answer behind an empty think block."""
+    return f"{THINK_TOKEN}{END_THINK_TOKEN}{answer.strip()}"
+
+
 def long_response(problem: Problem, attempts: Sequence[str], continuation: str) -> str:
     """Failed attempts + the correct continuation inside <think>, then the final answer."""
     thoughts = [a.strip() for a in attempts] + [strip_answer_lines(continuation)]
@@ -147,7 +157,7 @@ def fuse_example(
 ) -> FusedExample | None:
     """The fused training example for one problem, or None when the teacher never got it right."""
     if verify(problem, short_response):
-        return FusedExample(problem, short_response.strip(), thought=False, teacher_rounds=0)
+        return FusedExample(problem, short_form(short_response), thought=False, teacher_rounds=0)
     attempts = [short_response.strip() or "(no answer)"]
     for round_ in range(1, max_rounds + 1):
         continuation = teacher.continue_reasoning(problem, attempts)
