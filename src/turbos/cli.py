@@ -66,6 +66,166 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from turbos.train.recipe import load_recipe
+    from turbos.train.trainer import Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = trainer.train(stop_at=args.stop_at)
+    val = summary["val_loss"]
+    print(
+        f"trained {summary['steps']}/{summary['total_steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['wall_s']:.1f} s; last val loss {'n/a' if val is None else f'{val:.4f}'}"
+    )
+    print(f"run directory {summary['run_dir']} (metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from turbos.train.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from turbos.data.corpora import build_corpus
+    from turbos.data.tokenizer import load_tokenizer
+    from turbos.model import TurboSForCausalLM
+    from turbos.train.data import validation_batches
+    from turbos.train.evaluate import evaluate_loss, perplexity, resolve_device
+
+    device = resolve_device(args.device)
+    model = TurboSForCausalLM.from_pretrained(args.model, device=device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    seq_len = args.seq_len or model.config.max_position_embeddings
+    split, val_fraction = ("val", args.val_fraction) if args.split == "val" else ("train", 0.0)
+    batches = validation_batches(
+        build_corpus(args.data), tokenizer, seq_len, args.batch_size, args.batches, val_fraction, split
+    )
+    loss = evaluate_loss(model, batches, device, args.precision)
+    tokens = sum(rows[:, 1:].numel() for rows in batches)
+    if args.json:
+        print(
+            json.dumps({"loss": loss, "perplexity": perplexity(loss), "tokens": tokens, "seq_len": seq_len})
+        )
+    else:
+        print(
+            f"{args.split} loss {loss:.4f}, perplexity {perplexity(loss):.2f} over {tokens:,} tokens "
+            f"(seq_len {seq_len})"
+        )
+    return 0
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="directory with config.json, model.safetensors, tokenizer.json"
+    )
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-running", type=int, default=16, help="sequences decoded together at most")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
+    p.add_argument("--seed", type=int, help="seed of the sampler for requests without their own")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--thinking", choices=["auto", "think", "no_think"], help="thinking mode for chats")
+
+
+def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
+    from turbos.serve import LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_pretrained(
+        args.model,
+        args.tokenizer,
+        device=args.device,
+        max_running=args.max_running,
+        max_waiting=max_waiting,
+        prefill_chunk=args.prefill_chunk,
+        seed=args.seed,
+    )
+    if not hasattr(args, "temperature"):
+        return engine, None
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+    )
+    return engine, params
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from turbos.serve.async_engine import AsyncLLMEngine
+    from turbos.serve.server import run_server
+
+    engine, _ = _engine_and_params(args, max_waiting=args.max_queue)
+    name = args.served_model_name or Path(args.model).resolve().name
+    api_key = args.api_key or os.environ.get("TURBOS_API_KEY")
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (API key {'on' if api_key else 'off'})")
+    run_server(
+        AsyncLLMEngine(engine),
+        name,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout,
+    )
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from turbos.serve.offline import generate_records, read_requests
+
+    try:
+        requests = [{"prompt": args.prompt}] if args.prompt is not None else read_requests(args.input)
+        engine, params = _engine_and_params(args)
+        records = generate_records(engine, requests, params, chat=args.chat, thinking=args.thinking)
+    except ValueError as err:
+        print(f"turbos generate: error: {err}", file=sys.stderr)
+        return 2
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(lines)
+        print(f"wrote {len(records)} results to {args.output}", file=sys.stderr)
+    elif args.prompt is not None and not args.json:
+        record = records[0]
+        if record.get("reasoning_content") is not None:
+            print(f"[thinking]\n{record['reasoning_content']}\n[answer]")
+        print(record.get("content", record["text"]))
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from turbos.serve.interactive import run_chat
+
+    try:
+        engine, params = _engine_and_params(args)
+    except ValueError as err:
+        print(f"turbos chat: error: {err}", file=sys.stderr)
+        return 2
+    run_chat(engine, params, system=args.system, mode=args.thinking)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turbos", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +238,77 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the TurboS pipeline in miniature on built-in data")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
+    p.add_argument("--recipe", required=True, help="e.g. recipes/tiny.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. optimizer.lr=1e-3"
+    )
+    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the run's latest")
+    p.add_argument("--overwrite", action="store_true", help="delete the run's existing checkpoints first")
+    p.add_argument(
+        "--stop-at", type=int, help="stop after this global step (continue later with --resume auto)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("plot", help="PNG plots of a training run (loss, LR per group, expert load)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output directory (default RUN_DIR/plots)")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("eval-ppl", help="validation loss and perplexity of a saved model on a corpus")
+    p.add_argument("--model", required=True, help="directory with config.json, model.safetensors")
+    p.add_argument("--data", required=True, help="source spec, e.g. builtin:reasoning or jsonl:path#text")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: max_position_embeddings)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=16, help="at most this many batches")
+    p.add_argument(
+        "--split",
+        choices=["val", "all"],
+        default="val",
+        help="'val': the held-out documents (same hash split as training); 'all': every document",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.01, help="the training run's data.val_fraction")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_eval_ppl)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, thinking modes)")
+    _add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TURBOS_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most; more get 503")
+    p.add_argument("--served-model-name", help="model id in the API (default: the directory name)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds requests in flight get to finish on shutdown before being cancelled",
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("generate", help="batched generation for a prompt or a JSONL file of prompts/chats")
+    _add_engine_flags(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt (a user message with --chat)")
+    source.add_argument(
+        "--input", help='JSONL: {"prompt": ...} or {"messages": [...]} per line, optional "id"'
+    )
+    p.add_argument("--output", help="JSONL results (default: stdout)")
+    p.add_argument("--chat", action="store_true", help="treat prompts as user messages in the chat format")
+    p.add_argument("--json", action="store_true", help="JSONL on stdout even for a single --prompt")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming and thinking modes")
+    _add_engine_flags(p)
+    p.add_argument("--system", help="system message")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_cmd_chat)
     return parser
 
 
@@ -85,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"turbos {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,186 @@
+"""Training checkpoints: one directory per step, written whole or not at all.
+
+Layout of ``RUN_DIR/checkpoints/step-00000100/``:
+
+    config.json, model.safetensors       the model (loads with TurboSForCausalLM.from_pretrained)
+    tokenizer.json, ...                  the tokenizer files, so the directory is self-contained
+    optimizer.pt                         AdamW state
+    rng.pt                               Python, NumPy and torch (CPU and CUDA) generator states
+    trainer_state.json                   step, stage, tokens seen, schedule, data position
+
+Everything is written into a hidden temporary directory (``.tmp-step-...``), flushed to disk,
+and renamed into place, so a kill during a save leaves the previous checkpoint untouched and
+``latest_checkpoint`` (which reads only ``step-N`` names) never picks a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from turbos.config import TurboSConfig
+from turbos.model import TurboSForCausalLM
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path:
+    """A checkpoint directory from ``--resume``: a path, or 'auto' for the run's latest."""
+    if resume == "auto":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume auto: no checkpoint under {checkpoint_root(run_dir)}")
+        return path
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE})")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator training draws from (MoE recycle routing uses torch's global one)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def write_checkpoint_files(
+    directory: Path,
+    model: TurboSForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer_dir: Path | None,
+) -> None:
+    """Write every file of a checkpoint into ``directory``; the trainer state goes last."""
+    model.save_pretrained(directory)
+    if tokenizer_dir is not None:
+        for path in sorted(Path(tokenizer_dir).iterdir()):
+            if path.is_file():
+                shutil.copy2(path, directory / path.name)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(rng_state(), directory / "rng.pt")
+    (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: TurboSForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Atomically write the checkpoint of ``step``; then keep only the newest ``keep_last`` (0: all)."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
+        shutil.rmtree(stale)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}"
+    tmp.mkdir()
+    write_checkpoint_files(tmp, model, optimizer, trainer_state, tokenizer_dir)
+    _fsync_tree(tmp)
+    if final.exists():  # the same step saved again: swap, never leaving the step without a copy
+        old = root / f"{_TMP_PREFIX}old-{final.name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    if keep_last:
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path)
+    return final
+
+
+def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(directory) / TRAINER_STATE).read_text())
+
+
+def load_checkpoint(
+    directory: str | os.PathLike, model: TurboSForCausalLM, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load weights (and optimizer state) in place and restore the RNGs; returns the trainer state.
+
+    The model must already have the checkpoint's config (stage settings such as rope_alpha
+    included), so a checkpoint never loads into a different network.
+    """
+    directory = Path(directory)
+    saved, current = TurboSConfig.from_pretrained(directory).to_dict(), model.config.to_dict()
+    if saved != current:
+        differences = sorted(key for key in saved if saved[key] != current.get(key))
+        raise ValueError(f"checkpoint {directory} has a different model config: {differences}")
+    state = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [
+        key for key in missing if not (key == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]:
+        raise ValueError(f"checkpoint {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+    set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
+    return read_trainer_state(directory)

@@ -1,0 +1,116 @@
+"""What a recipe's data section turns into: the tokenizer, and batches of packed rows per stage.
+
+Batches are LongTensors (batch, seq_len + 1): inputs ``[:, :-1]``, targets ``[:, 1:]``, streamed
+by `turbos.data.packing.StreamingPackedDataset`, whose position makes resume exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from turbos.data.corpora import Corpus, Mixture, build_corpus
+from turbos.data.packing import StreamingPackedDataset, document_split
+from turbos.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from turbos.train.recipe import Recipe, StagePlan
+
+SHUFFLE_TOKENS = 2**18
+"""Tokens the training stream shuffles together: the buffer holds SHUFFLE_TOKENS // seq_len rows
+(at least one), so a stage of long rows does not tokenize far ahead before its first batch."""
+
+
+class BatchStream:
+    """Endless batches of ``batch_size`` rows from a streaming dataset, with its resumable position."""
+
+    def __init__(self, dataset: StreamingPackedDataset, batch_size: int) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rows = iter(self.dataset)
+        while len(batch := list(itertools.islice(rows, self.batch_size))) == self.batch_size:
+            yield torch.stack(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def prepare_tokenizer(recipe: Recipe, run_dir: Path, resuming: bool = False) -> tuple[Tokenizer, Path]:
+    """The recipe's tokenizer and the directory holding its files.
+
+    With ``data.tokenizer.vocab_size`` a byte-level BPE is trained on the train split of
+    ``data.sources`` (validation documents left out) and saved under ``RUN_DIR/tokenizer``; a
+    resumed run loads the one its run trained instead.
+    """
+    spec = recipe.data.tokenizer
+    if spec.path is not None:
+        return load_tokenizer(spec.path), Path(spec.path)
+    directory = run_dir / "tokenizer"
+    if resuming:
+        return load_tokenizer(directory), directory
+    corpus = build_corpus(recipe.data.sources, seed=recipe.seed)
+    documents = (d for d in corpus if document_split(d, recipe.data.val_fraction) == "train")
+    tokenizer = train_tokenizer(itertools.islice(documents, spec.max_documents), spec.vocab_size)
+    save_tokenizer(tokenizer, directory)
+    return tokenizer, directory
+
+
+def stage_corpus(recipe: Recipe, plan: StagePlan) -> Corpus:
+    """The stage's sources (default data.sources), mixed with its long_sources at its short:long
+    ratio when it has them.
+
+    The ratio weighs documents: with [3, 1] three of every four documents (on average) come from
+    the short sources (report §2.4: short:long 3:1).
+    """
+    stage = recipe.stages[plan.index]
+    short = build_corpus(
+        stage.sources if stage.sources is not None else recipe.data.sources, seed=recipe.seed
+    )
+    if stage.long_sources is None:
+        return short
+    long = build_corpus(stage.long_sources, seed=recipe.seed)
+    return Mixture((short, long), tuple(stage.short_long_ratio), seed=recipe.seed + plan.index)
+
+
+def train_batches(recipe: Recipe, plan: StagePlan, tokenizer: Tokenizer) -> BatchStream:
+    """The endless, shuffled training stream of a stage (seeded by recipe seed and stage index)."""
+    dataset = StreamingPackedDataset(
+        stage_corpus(recipe, plan),
+        tokenizer,
+        plan.seq_len,
+        split="train",
+        val_fraction=recipe.data.val_fraction,
+        shuffle_buffer=max(1, SHUFFLE_TOKENS // plan.seq_len),
+        seed=recipe.seed + plan.index,
+    )
+    return BatchStream(dataset, plan.batch_size)
+
+
+def validation_batches(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    val_fraction: float,
+    split: str = "val",
+) -> list[torch.Tensor]:
+    """The first ``num_batches`` batches of a split, unshuffled: the same rows at every evaluation."""
+    dataset = StreamingPackedDataset(
+        corpus, tokenizer, seq_len, split=split, val_fraction=val_fraction, shuffle_buffer=0, repeat=False
+    )
+    batches = list(itertools.islice(BatchStream(dataset, batch_size), num_batches))
+    if not batches:
+        raise ValueError(
+            f"the {split} split has too few tokens for one batch of {batch_size} x {seq_len + 1}; "
+            "raise data.val_fraction or lower the batch size"
+        )
+    return batches
