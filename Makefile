@@ -29,6 +29,8 @@ test-all: install
 
 bench: install
 	$(BIN)/python benchmarks/prefill.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_tiny.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
