@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 from turbos.config import ConfigError
 
@@ -38,31 +37,60 @@ def _layer_summary(config) -> dict[str, int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Until the full pipeline lands: build `tiny`, show its parameters and run a forward pass."""
-    import torch
+    from turbos.post.demo import DemoSettings, run_demo
 
-    from turbos.model import HybridCache, TurboSForCausalLM
-    from turbos.params import format_count
-    from turbos.presets import get_preset
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    settings.seed = args.seed
+    outcome = run_demo(args.out, settings, fresh=args.fresh, progress=not args.no_progress)
+    print(f"report: {args.out}/report.md")
+    return 0 if args.quick or all(t["met"] for t in outcome["eval"]["targets"].values()) else 1
 
-    torch.manual_seed(args.seed)
-    config = get_preset("tiny")
-    _cmd_params(argparse.Namespace(preset="tiny", json=False))
-    model = TurboSForCausalLM(config).eval()
-    ids = torch.randint(0, config.vocab_size, (2, 64))
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(ids, labels=ids)
-        prefill = time.perf_counter() - start
-        cache = HybridCache(config, 2)
-        model(ids[:, :-1], past_key_values=cache)
-        last = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
-    gap = (last - out.logits[:, -1]).abs().max().item()
-    print(f"\nforward: batch 2 x 64 tokens in {prefill * 1000:.1f} ms, logits {tuple(out.logits.shape)}")
-    chance = torch.tensor(float(config.vocab_size)).log().item()
-    print(f"loss of the untrained model {out.lm_loss.item():.3f} (ln vocab = {chance:.3f})")
-    print(f"cached decode vs full forward, max |diff| of last logits: {gap:.2e}")
-    print(f"cache holds {format_count(cache.nbytes())} bytes for 2 x 64 tokens")
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from turbos.post.sft import SFTRecipe, run_sft
+
+    summary = run_sft(SFTRecipe.load(args.recipe, args.overrides), progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_fuse_cot(args: argparse.Namespace) -> int:
+    from turbos.data.tasks import generate_problems
+    from turbos.post.cot_fusion import BuiltinTeacher, EndpointTeacher, fuse_dataset, write_jsonl
+    from turbos.post.evaluate import answer_problems, read_problems
+    from turbos.serve import LLMEngine
+
+    if args.problems:
+        problems = read_problems(args.problems)
+    else:
+        problems = generate_problems(args.n, families=args.families, levels=args.levels, seed=args.seed)
+    if args.teacher == "builtin":
+        if any(not p.steps for p in problems):
+            raise ValueError("the builtin teacher needs built-in problems; use --teacher-url for your own")
+        teacher = BuiltinTeacher()
+    else:
+        teacher = EndpointTeacher(args.teacher_url, args.teacher_model, api_key=args.teacher_api_key)
+    engine = LLMEngine.from_pretrained(args.model, max_running=args.max_running)
+    attempts = answer_problems(engine, problems, "auto", max_tokens=args.max_tokens)
+    examples, stats = fuse_dataset(problems, [a.text for a in attempts], teacher, args.max_rounds)
+    write_jsonl(examples, args.output)
+    print(json.dumps(stats.to_dict(), indent=2))
+    print(f"wrote {len(examples)} examples to {args.output}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
+    from turbos.serve import LLMEngine
+
+    if args.problems:
+        problems = read_problems(args.problems)
+    else:
+        n = args.per_level * len(args.families or [0] * 4) * len(args.levels or [0] * 5)
+        problems = builtin_problems(n, args.families, args.levels, args.seed)
+    engine = LLMEngine.from_pretrained(args.model, max_running=args.max_running)
+    results, _ = evaluate_modes(engine, problems, args.modes, args.max_tokens)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 
 
@@ -236,8 +264,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("demo", help="the TurboS pipeline in miniature on built-in data")
+    p.add_argument("--out", default="runs/demo", help="output folder (stages are reused on a re-run)")
+    p.add_argument("--quick", action="store_true", help="minutes-long smoke run of every stage")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant replies only)")
+    p.add_argument("--recipe", required=True, help="YAML SFT recipe (see turbos.post.sft.SFTRecipe)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("fuse-cot", help="adaptive long-short CoT fusion data from a short-CoT model")
+    p.add_argument("--model", required=True, help="the short-CoT model directory")
+    p.add_argument("--output", required=True, help="fused chat JSONL to write")
+    p.add_argument("--problems", help="JSONL of {question, answer}; default: built-in problems")
+    p.add_argument("--n", type=int, default=2000, help="built-in problems to draw")
+    p.add_argument("--families", nargs="+")
+    p.add_argument("--levels", nargs="+", type=int)
+    p.add_argument("--teacher", choices=["builtin", "endpoint"], default="builtin")
+    p.add_argument("--teacher-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--teacher-model", default="teacher")
+    p.add_argument("--teacher-api-key", default="EMPTY")
+    p.add_argument("--max-rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_fuse_cot)
+
+    p = sub.add_parser("eval", help="accuracy, tokens and thinking rate by level in each thinking mode")
+    p.add_argument("--model", required=True)
+    p.add_argument("--problems", help="JSONL of {question, answer[, level]}; default: built-in test split")
+    p.add_argument("--families", nargs="+")
+    p.add_argument("--levels", nargs="+", type=int)
+    p.add_argument("--per-level", type=int, default=20, help="built-in problems per family and level")
+    p.add_argument("--modes", nargs="+", default=["no_think", "think", "auto"])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
     p.add_argument("--recipe", required=True, help="e.g. recipes/tiny.yaml")
@@ -316,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"turbos {args.command}: error: {err}", file=sys.stderr)
         return 2
 

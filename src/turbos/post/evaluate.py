@@ -1,0 +1,153 @@
+"""Evaluation on reasoning problems in the three thinking modes (report §3.2, Table 5).
+
+For each problem and mode the model answers greedily through the serving engine (the same chat
+template and mode handling as ``turbos serve``); we record whether the final answer verifies, how
+many tokens it generated, and whether it thought (a non-empty ``<think>`` block). Problems come
+from the built-in tasks (test split: never seen in training) or from a user JSONL file of
+``{"question": ..., "answer": ...}`` records (answers compared after normalisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from turbos.data.tasks import Problem, generate_problems, normalize_answer, verify
+from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.chat_template import THINKING_MODES, prepare_chat
+from turbos.serve.reasoning import parse_reasoning
+
+
+@dataclass
+class Answer:
+    problem: Problem
+    mode: str
+    text: str
+    correct: bool
+    tokens: int
+    thought: bool
+
+
+def read_problems(path: str | os.PathLike) -> list[Problem]:
+    """User problems: JSONL with ``question`` and ``answer`` (optional ``level``, ``family``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no problems file {str(path)!r}")
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("question", "answer")
+        ):
+            raise ValueError(f"{path}:{number}: need string fields 'question' and 'answer'")
+        problems.append(
+            Problem(
+                family=str(record.get("family", "user")),
+                level=int(record.get("level", 0)),
+                question=record["question"],
+                answer=normalize_answer(record["answer"]),
+                steps=(),
+                uid=str(record.get("id", number)),
+            )
+        )
+    return problems
+
+
+def builtin_problems(n: int, families: Sequence[str] | None, levels: Sequence[int] | None, seed: int = 0):
+    """Held-out built-in problems (test split), balanced over families x levels."""
+    return generate_problems(n, families=families, levels=levels, split="test", seed=seed)
+
+
+def answer_problems(
+    engine: LLMEngine, problems: Sequence[Problem], mode: str, max_tokens: int = 256
+) -> list[Answer]:
+    """Greedy answers to every problem in one thinking mode, batched by the engine."""
+    if mode not in THINKING_MODES:
+        raise ValueError(f"mode must be one of {THINKING_MODES}, got {mode!r}")
+    base = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    prompts, params = [], []
+    for problem in problems:
+        chat = prepare_chat([{"role": "user", "content": problem.question}], mode)
+        prompts.append(chat.text)
+        params.append(
+            dataclasses.replace(
+                base,
+                stop_token_ids=chat.stop_token_ids,
+                banned_token_ids=chat.banned_token_ids,
+                banned_first_token_ids=chat.banned_first_token_ids,
+            )
+        )
+    answers = []
+    for problem, result in zip(problems, engine.generate(prompts, params), strict=True):
+        reasoning, content = parse_reasoning(result.text, mode)
+        answers.append(
+            Answer(
+                problem=problem,
+                mode=mode,
+                text=result.text,
+                correct=verify(problem, content),
+                tokens=len(result.token_ids),
+                thought=bool(reasoning and reasoning.strip()),
+            )
+        )
+    return answers
+
+
+def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
+    """Accuracy, mean generated tokens and thinking rate: overall and per level."""
+
+    def stats(group: Sequence[Answer]) -> dict[str, float]:
+        n = max(len(group), 1)
+        return {
+            "n": len(group),
+            "accuracy": sum(a.correct for a in group) / n,
+            "mean_tokens": sum(a.tokens for a in group) / n,
+            "think_rate": sum(a.thought for a in group) / n,
+        }
+
+    by_level: dict[int, list[Answer]] = defaultdict(list)
+    for a in answers:
+        by_level[a.problem.level].append(a)
+    return {"overall": stats(answers), "by_level": {str(k): stats(v) for k, v in sorted(by_level.items())}}
+
+
+def evaluate_modes(
+    engine: LLMEngine,
+    problems: Sequence[Problem],
+    modes: Sequence[str] = THINKING_MODES,
+    max_tokens: int = 256,
+) -> tuple[dict[str, Any], list[Answer]]:
+    """{mode: summary} and every answer, for each mode."""
+    results, everything = {}, []
+    for mode in modes:
+        answers = answer_problems(engine, problems, mode, max_tokens)
+        results[mode] = summarize(answers)
+        everything += answers
+    return results, everything
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per level, columns accuracy / tokens / think rate per mode."""
+    modes = list(results)
+    levels = list(next(iter(results.values()))["by_level"])
+    head = "level " + "".join(f"| {m:^26} " for m in modes)
+    sub = "      " + "".join("|   acc  tokens  thinks    " for _ in modes)
+    lines = [head, sub, "-" * len(head)]
+    for level in [*levels, "overall"]:
+        row = f"{level:<6}"
+        for m in modes:
+            s = results[m]["overall"] if level == "overall" else results[m]["by_level"][level]
+            row += f"| {s['accuracy'] * 100:5.1f}% {s['mean_tokens']:7.1f} {s['think_rate'] * 100:6.1f}%    "
+        lines.append(row)
+    return "\n".join(lines)

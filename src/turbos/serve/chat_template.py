@@ -1,0 +1,258 @@
+"""The chat format and its thinking modes (report §3.2: adaptive long/short chain of thought).
+
+A conversation renders as one string in which every marker is one special token of our tokenizer
+(no newlines or spaces are added around them)::
+
+    <|bos|><|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{reply}<|end|><|user|>...
+
+and a generation prompt appends ``<|assistant|>``. An assistant reply is either a direct answer,
+``{answer}``, or reasoning first, ``<think>{reasoning}</think>{answer}``; generation stops at
+``<|end|>`` (or ``<|eos|>``). Post-training data uses this exact format (``render_chat`` with
+``add_generation_prompt=False``); the Jinja template ``CHAT_TEMPLATE``, saved into
+``tokenizer_config.json`` by ``save_chat_template``, renders the same text in
+``transformers``' ``apply_chat_template``.
+
+Thinking modes decide how the generation prompt ends:
+
+- ``auto`` (default; the report's adaptive CoT): ``<|assistant|>``, the model decides whether
+  to open a ``<think>`` block.
+- ``think``: ``<|assistant|><think>``, so the reply starts inside the reasoning; sampling also
+  bans ``</think>`` and the stop tokens as the first token, so the reasoning is never empty.
+- ``no_think``: ``<|assistant|><think></think>``, an empty, closed block; sampling also bans
+  the ``<think>`` and ``</think>`` tokens, so the model cannot think.
+
+``prepare_chat`` returns the prompt with those stop and banned tokens; the server, ``turbos
+generate`` and ``turbos chat`` all go through it.
+
+The mode comes from the request when it names one (``thinking``, ``enable_thinking``,
+``reasoning_effort``); otherwise from the last ``/think`` or ``/no_think`` flag in a system or
+user message (the later of the two within a message counts); otherwise ``auto``. A flag is the
+literal text ``/think`` or ``/no_think`` (the ``/think`` inside ``</think>`` is not one); every
+flag is removed from a message that has one, and that message's surrounding whitespace is
+stripped.
+
+History: assistant turns before the last user message keep only their answer (the reasoning is
+dropped, as it was for the model when it answered the next question); turns after it keep
+their reasoning, which is what a training target needs. A turn's reasoning is its
+``reasoning_content`` field, or the ``<think>...</think>`` part of its content.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from turbos.data.tokenizer import (
+    ASSISTANT_TOKEN,
+    BOS_TOKEN,
+    END_THINK_TOKEN,
+    END_TOKEN,
+    EOS_TOKEN,
+    SPECIAL_TOKENS,
+    SYSTEM_TOKEN,
+    THINK_TOKEN,
+    USER_TOKEN,
+)
+
+THINKING_MODES = ("auto", "think", "no_think")
+_FLAGS = {"/think": "think", "/no_think": "no_think"}
+_ROLE_TOKENS = {"system": SYSTEM_TOKEN, "user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
+_GENERATION_SUFFIX = {"auto": "", "think": THINK_TOKEN, "no_think": THINK_TOKEN + END_THINK_TOKEN}
+
+EOS_ID, END_ID, THINK_ID, END_THINK_ID = (
+    SPECIAL_TOKENS.index(t) for t in (EOS_TOKEN, END_TOKEN, THINK_TOKEN, END_THINK_TOKEN)
+)
+
+Message = Mapping[str, Any]
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in THINKING_MODES:
+        raise ValueError(f"thinking mode must be one of {list(THINKING_MODES)}, got {mode!r}")
+    return mode
+
+
+def thinking_mode_from_request(
+    thinking: str | None = None,
+    enable_thinking: bool | None = None,
+    reasoning_effort: str | None = None,
+) -> str | None:
+    """The mode a request names, or None when it names none.
+
+    ``thinking`` wins over ``enable_thinking`` (vLLM/Qwen ``chat_template_kwargs``: True -> think,
+    False -> no_think), which wins over OpenAI's ``reasoning_effort`` (none/minimal -> no_think,
+    low/medium -> auto, high -> think).
+    """
+    if thinking is not None:
+        return _check_mode(thinking)
+    if enable_thinking is not None:
+        return "think" if enable_thinking else "no_think"
+    if reasoning_effort is not None:
+        efforts = {
+            "none": "no_think",
+            "minimal": "no_think",
+            "low": "auto",
+            "medium": "auto",
+            "high": "think",
+        }
+        if reasoning_effort not in efforts:
+            raise ValueError(f"reasoning_effort must be one of {list(efforts)}, got {reasoning_effort!r}")
+        return efforts[reasoning_effort]
+    return None
+
+
+def split_flag(text: str) -> tuple[str | None, str]:
+    """(the mode flagged in ``text`` or None, the text without its flags).
+
+    ``</think>`` contains ``/think`` but is not a flag, so it is set aside while flags are found.
+    """
+    probe = text.replace(END_THINK_TOKEN, "")
+    think, no_think = probe.rfind("/think"), probe.rfind("/no_think")
+    if think == no_think == -1:
+        return None, text
+    flag = "think" if think > no_think else "no_think"
+    pieces = (piece.replace("/no_think", "").replace("/think", "") for piece in text.split(END_THINK_TOKEN))
+    return flag, END_THINK_TOKEN.join(pieces).strip()
+
+
+def resolve_thinking_mode(messages: Sequence[Message], mode: str | None = None) -> str:
+    """The mode that applies: the requested one, else the last flag in the messages, else auto."""
+    if mode is not None:
+        return _check_mode(mode)
+    resolved = "auto"
+    for message in messages:
+        if message["role"] in ("system", "user"):
+            flag, _ = split_flag(message["content"])
+            resolved = flag or resolved
+    return resolved
+
+
+def _assistant_parts(message: Message) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of an assistant message in the history."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if reasoning is None and END_THINK_TOKEN in content:
+        before, _, content = content.partition(END_THINK_TOKEN)
+        reasoning = before.split(THINK_TOKEN)[-1]
+    return reasoning, content
+
+
+def render_chat(
+    messages: Sequence[Message], mode: str | None = None, add_generation_prompt: bool = True
+) -> str:
+    """The prompt text of a conversation (format in the module docstring).
+
+    messages: dicts with ``role`` (system, user or assistant) and string ``content``
+    (assistant messages may carry ``reasoning_content`` and a None content).
+    mode: auto / think / no_think, or None to take it from the /think and /no_think flags.
+    """
+    mode = resolve_thinking_mode(messages, mode)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    parts = [BOS_TOKEN]
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in _ROLE_TOKENS:
+            raise ValueError(f"message {i}: role must be system, user or assistant, got {role!r}")
+        if role == "assistant":
+            reasoning, text = _assistant_parts(message)
+            if reasoning is not None and i > last_user:
+                text = THINK_TOKEN + reasoning + END_THINK_TOKEN + text
+        else:
+            text = split_flag(message["content"])[1]
+        parts.append(_ROLE_TOKENS[role] + text + END_TOKEN)
+    if add_generation_prompt:
+        parts.append(ASSISTANT_TOKEN + _GENERATION_SUFFIX[mode])
+    return "".join(parts)
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered conversation and what generating its reply needs."""
+
+    text: str
+    mode: str
+    stop_token_ids: list[int]
+    """``<|end|>`` closes the reply."""
+    banned_token_ids: list[int]
+    """The think delimiters in no_think mode, so the model cannot open a think block."""
+    banned_first_token_ids: list[int]
+    """In think mode, ``</think>`` and the stop tokens may not come first, so the reasoning
+    cannot be empty."""
+
+
+def prepare_chat(messages: Sequence[Message], mode: str | None = None) -> ChatPrompt:
+    """Render the generation prompt of ``messages`` in the resolved thinking mode."""
+    mode = resolve_thinking_mode(messages, mode)
+    banned = [THINK_ID, END_THINK_ID] if mode == "no_think" else []
+    banned_first = [END_THINK_ID, END_ID, EOS_ID] if mode == "think" else []
+    return ChatPrompt(render_chat(messages, mode), mode, [END_ID], banned, banned_first)
+
+
+# The same rendering in Jinja, for transformers' apply_chat_template. Extra keyword arguments it
+# understands: thinking ("auto" / "think" / "no_think") and enable_thinking (bool).
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(mode='auto', last_user=-1) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] in ['system', 'user'] -%}"
+    "{%- set probe = m['content'].replace('</think>', '') -%}"
+    "{%- set a = probe.rfind('/think') -%}{%- set b = probe.rfind('/no_think') -%}"
+    "{%- if a > b -%}{%- set ns.mode = 'think' -%}{%- elif b > a -%}{%- set ns.mode = 'no_think' -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if thinking is defined and thinking is not none -%}{%- set ns.mode = thinking -%}"
+    "{%- elif enable_thinking is defined and enable_thinking is not none -%}"
+    "{%- set ns.mode = 'think' if enable_thinking else 'no_think' -%}"
+    "{%- endif -%}"
+    "{%- if ns.mode not in ['auto', 'think', 'no_think'] -%}"
+    "{{- raise_exception('thinking mode must be auto, think or no_think') -}}"
+    "{%- endif -%}"
+    "<|bos|>"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{%- set content = m['content'] if m['content'] is not none else '' -%}"
+    "{%- set reasoning = m['reasoning_content'] if m['reasoning_content'] is defined else none -%}"
+    "{%- if reasoning is none and '</think>' in content -%}"
+    "{%- set pieces = content.partition('</think>') -%}"
+    "{%- set reasoning = pieces[0].split('<think>')[-1] -%}{%- set content = pieces[2] -%}"
+    "{%- endif -%}"
+    "<|assistant|>"
+    "{%- if reasoning is not none and loop.index0 > ns.last_user -%}"
+    "{{- '<think>' + reasoning + '</think>' -}}"
+    "{%- endif -%}"
+    "{{- content -}}<|end|>"
+    "{%- elif m['role'] in ['system', 'user'] -%}"
+    "{%- set content = m['content'] -%}"
+    "{%- set probe = content.replace('</think>', '') -%}"
+    "{%- if probe.rfind('/think') > -1 or probe.rfind('/no_think') > -1 -%}"
+    "{%- set content = content.split('</think>') | map('replace', '/no_think', '')"
+    " | map('replace', '/think', '') | join('</think>') -%}"
+    "{%- set content = content.strip() -%}"
+    "{%- endif -%}"
+    "{{- '<|system|>' if m['role'] == 'system' else '<|user|>' -}}{{- content -}}<|end|>"
+    "{%- else -%}"
+    "{{- raise_exception('role must be system, user or assistant, got ' + m['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "<|assistant|>"
+    "{%- if ns.mode == 'think' -%}<think>{%- elif ns.mode == 'no_think' -%}<think></think>{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+def save_chat_template(directory: str | Path) -> Path:
+    """Add ``chat_template`` to the ``tokenizer_config.json`` in ``directory``."""
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer_config.json in {str(directory)!r}")
+    config = json.loads(path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,80 @@
+"""Batched generation over a list of prompts or chats (``turbos generate``).
+
+Input: JSON lines, each an object with ``prompt`` (a string) or ``messages`` (a chat, as in the
+OpenAI API), and optionally ``id``. Output: one JSON object per input line, in order, with
+``text`` (the raw reply), for chats also ``reasoning_content`` and ``content``, and
+``finish_reason``, ``prompt_tokens``, ``completion_tokens``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from turbos.serve.chat_template import prepare_chat
+from turbos.serve.engine import LLMEngine
+from turbos.serve.reasoning import parse_reasoning
+from turbos.serve.sampling import SamplingParams
+
+
+def read_requests(path: str | Path) -> list[dict]:
+    """The requests of a JSONL file, checked: each line holds a ``prompt`` or ``messages``."""
+    requests = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON: {err}") from None
+        if not isinstance(record, dict) or not (
+            isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)
+        ):
+            raise ValueError(f"{path}:{number}: need an object with a string 'prompt' or a list 'messages'")
+        requests.append(record)
+    return requests
+
+
+def generate_records(
+    engine: LLMEngine,
+    requests: list[dict],
+    params: SamplingParams,
+    chat: bool = False,
+    thinking: str | None = None,
+) -> list[dict]:
+    """Run every request (a chat when it has ``messages`` or when ``chat`` is set); one record each."""
+    prompts, per_request, modes = [], [], []
+    for record in requests:
+        messages = record.get("messages")
+        if messages is None and chat:
+            messages = [{"role": "user", "content": record["prompt"]}]
+        if messages is None:
+            prompts.append(record["prompt"])
+            per_request.append(params)
+            modes.append(None)
+            continue
+        prompt = prepare_chat(messages, thinking)
+        prompts.append(prompt.text)
+        per_request.append(
+            dataclasses.replace(
+                params,
+                stop_token_ids=[*params.stop_token_ids, *prompt.stop_token_ids],
+                banned_token_ids=[*params.banned_token_ids, *prompt.banned_token_ids],
+                banned_first_token_ids=[*params.banned_first_token_ids, *prompt.banned_first_token_ids],
+            )
+        )
+        modes.append(prompt.mode)
+    results = engine.generate(prompts, per_request)
+    out = []
+    for i, (record, result, mode) in enumerate(zip(requests, results, modes, strict=True)):
+        row = {"id": record.get("id", i), "text": result.text}
+        if mode is not None:
+            row["reasoning_content"], row["content"] = parse_reasoning(result.text, mode)
+        row.update(
+            finish_reason=result.finish_reason,
+            prompt_tokens=len(result.prompt_ids),
+            completion_tokens=len(result.token_ids),
+        )
+        out.append(row)
+    return out

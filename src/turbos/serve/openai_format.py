@@ -1,0 +1,125 @@
+"""OpenAI response shapes: completions, chat completions, their stream chunks, log-probabilities,
+usage and error bodies. ``reasoning_content`` sits beside ``content`` in chat messages and deltas,
+as in vLLM and DeepSeek."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from turbos.serve.sampling import TokenLogprobs
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event: ``data: {...}`` (or ``data: [DONE]``) and a blank line."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class Formatter:
+    """Builds the response objects of one request (shared id, creation time and model name)."""
+
+    def __init__(self, request_id: str, model: str, token_bytes: Sequence[bytes]) -> None:
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self._token_bytes = token_bytes
+
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self._token_bytes[token_id]
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    # ----------------------------------------------------------------------------- chat
+    def chat_logprobs(self, logprobs: Sequence[TokenLogprobs]) -> dict:
+        content = []
+        for lp in logprobs:
+            text, raw = self._token(lp.token_id)
+            top = []
+            for token_id, value in lp.top:
+                t, b = self._token(token_id)
+                top.append({"token": t, "logprob": value, "bytes": b})
+            content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content}
+
+    def chat_response(
+        self,
+        reasoning: str | None,
+        content: str,
+        finish_reason: str | None,
+        logprobs: dict | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> dict:
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+            ],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+    def chat_chunk(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
+
+    def chat_usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+    # ------------------------------------------------------------------------ completions
+    def completion_logprobs(self, logprobs: Sequence[TokenLogprobs], offset: int = 0) -> dict:
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in logprobs:
+            text, _ = self._token(lp.token_id)
+            tokens.append(text)
+            values.append(lp.logprob)
+            tops.append({self._token(t)[0]: v for t, v in lp.top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def completion_choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None
+    ) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def completion(self, choices: list[dict], prompt_tokens: int, completion_tokens: int | None) -> dict:
+        body = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if completion_tokens is not None:
+            body["usage"] = usage(prompt_tokens, completion_tokens)
+        return body

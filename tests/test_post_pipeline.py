@@ -1,0 +1,99 @@
+"""Post-training pipeline: the endpoint teacher on our own server, evaluation bookkeeping, and
+`turbos demo --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve_helpers import running_server, save_model_dir
+from turbos.cli import main
+from turbos.data.tasks import generate_problems
+from turbos.post.cot_fusion import EndpointTeacher, fuse_example, house_style
+from turbos.post.demo import DemoSettings, check_targets, run_demo
+from turbos.post.evaluate import Answer, read_problems, summarize
+from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.chat_template import prepare_chat
+
+
+def test_endpoint_teacher_talks_to_turbos_serve_on_loopback(tmp_path) -> None:
+    model_dir = save_model_dir(tmp_path / "teacher")
+    problem = generate_problems(1, families=["add"], levels=[3], seed=5)[0]
+    with running_server(LLMEngine.from_pretrained(model_dir, seed=0), model_name="teacher") as (url, _):
+        teacher = EndpointTeacher(f"{url}/v1", "teacher", max_tokens=24)
+        reply = teacher.continue_reasoning(problem, ["Answer: 7"])
+        rounds = []
+
+        class Counting:
+            def continue_reasoning(self, p, attempts):
+                rounds.append(len(attempts))
+                return teacher.continue_reasoning(p, attempts)
+
+        example = fuse_example(problem, "Answer: 7", Counting(), max_rounds=2)
+    # The same request through a local engine: greedy, so the server must have returned exactly this.
+    local = LLMEngine.from_pretrained(model_dir, seed=0)
+    chat = prepare_chat([{"role": "user", "content": teacher.prompt(problem, ["Answer: 7"])}])
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=chat.stop_token_ids)
+    (expected,) = local.generate([chat.text], [params])
+    from turbos.serve.reasoning import parse_reasoning
+
+    reasoning, content = parse_reasoning(expected.text, chat.mode)
+    assert reply == house_style("\n".join(x for x in (reasoning or "", content) if x))
+    assert "<think>" not in reply and "</think>" not in reply
+    assert rounds in ([1, 2], [1]), "a wrong continuation is fed back as one more attempt"
+    assert example is None or example.thought
+
+
+def answer(level: int, mode: str, correct: bool, tokens: int, thought: bool) -> Answer:
+    problem = generate_problems(1, families=["add"], levels=[level], seed=level)[0]
+    return Answer(problem, mode, "", correct, tokens, thought)
+
+
+def test_summary_and_targets_follow_the_definitions() -> None:
+    results = {}
+    for mode, spec in {
+        "no_think": {1: (True, 5, False), 4: (False, 5, False)},
+        "think": {1: (True, 100, True), 4: (True, 80, True)},
+        "auto": {1: (True, 5, False), 4: (True, 80, True)},
+    }.items():
+        answers = [answer(level, mode, *spec[level]) for level in (1, 4) for _ in range(5)]
+        results[mode] = summarize(answers)
+    assert results["think"]["by_level"]["4"] == {
+        "n": 5,
+        "accuracy": 1.0,
+        "mean_tokens": 80.0,
+        "think_rate": 1.0,
+    }
+    targets = check_targets(results)
+    assert all(t["met"] for t in targets.values()), targets
+    results["auto"]["by_level"]["1"]["think_rate"] = 0.5
+    assert not check_targets(results)["auto thinks on >= 80% of the hardest and <= 20% of the easiest"]["met"]
+
+
+def test_user_problem_files_are_validated(tmp_path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"question": "2+2?", "answer": "4", "level": 1}\n{"question": "x"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2"):
+        read_problems(path)
+    path.write_text('{"question": "2+2?", "answer": " 04 ", "level": 1}\n')
+    assert read_problems(path)[0].answer == "4"
+
+
+def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    outcome = run_demo(out, DemoSettings.quick(), progress=False)
+    for name in ("report.md", "results.json", "accuracy_vs_tokens.png", "think_rate.png"):
+        assert (out / name).is_file(), name
+    results = outcome["eval"]["results"]
+    assert set(results) == {"no_think", "think", "auto"}
+    assert results["think"]["overall"]["think_rate"] == 1.0, "think mode always thinks"
+    assert results["no_think"]["overall"]["think_rate"] == 0.0, "no_think never thinks"
+    fusion = outcome["fusion"]
+    assert fusion["short"] + fusion["long"] + fusion["dropped"] == fusion["total"] == 48
+    assert len((out / "fusion" / "fused.jsonl").read_text().splitlines()) == fusion["short"] + fusion["long"]
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 5, printed
+    assert json.loads((out / "results.json").read_text())["eval"]["targets"]

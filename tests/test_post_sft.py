@@ -1,0 +1,103 @@
+"""SFT: assistant-only loss masking, data validation, mixing, and a short run that learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from serve_helpers import save_model_dir, tiny_tokenizer
+from turbos.config import ConfigError
+from turbos.model import TurboSForCausalLM
+from turbos.model.hybrid import IGNORE_INDEX
+from turbos.post.sft import (
+    EncodedData,
+    SFTRecipe,
+    encode_conversation,
+    read_conversations,
+    row_sampler,
+    run_sft,
+)
+
+
+def test_loss_covers_exactly_the_assistant_replies() -> None:
+    tok = tiny_tokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "Answer: 5"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "<think>\n4+4+0=8\n</think>\nAnswer: 8"},
+    ]
+    ids, labels = encode_conversation(messages, tok)
+    assert len(ids) == len(labels)
+    trained = [t for t, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX]
+    assert tok.decode(trained, skip_special_tokens=False) == (
+        "Answer: 5<|end|><think>\n4+4+0=8\n</think>\nAnswer: 8<|end|>"
+    ), "the reasoning of the last reply is trained; replies end with <|end|>"
+    context = tok.decode(
+        [t for t, y in zip(ids, labels, strict=True) if y == IGNORE_INDEX], skip_special_tokens=False
+    )
+    assert "What is 2 + 3?" in context and "Be brief." in context and "Answer" not in context
+    assert all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != IGNORE_INDEX)
+
+
+def test_bad_chat_files_fail_with_the_line_number(tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n'
+    )
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        read_conversations(path)
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="no assistant message"):
+        read_conversations(path)
+    path.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    with pytest.raises(ValueError, match="role"):
+        read_conversations(path)
+
+
+def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x"}], "output_dir": "o", "lerning_rate": 1})
+    with pytest.raises(ConfigError, match="weight"):
+        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x", "weight": 0}], "output_dir": "o"})
+
+
+def test_datasets_mix_by_weight_not_by_size() -> None:
+    data = EncodedData(ids=[[1]] * 100, labels=[[1]] * 100, source=[0] * 90 + [1] * 10, skipped=0)
+    probs = row_sampler(data, [1.0, 1.0], seed=0)
+    assert probs[:90].sum().item() == pytest.approx(0.5) and probs[90:].sum().item() == pytest.approx(0.5)
+
+
+def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path) -> None:
+    base = save_model_dir(tmp_path / "base")
+    chats = tmp_path / "chats.jsonl"
+    with chats.open("w") as f:
+        for a in range(10):
+            chat = [
+                {"role": "user", "content": f"What is {a} + 1?"},
+                {"role": "assistant", "content": f"Answer: {a + 1}"},
+            ]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    recipe = SFTRecipe(
+        model=str(base),
+        data=[{"path": str(chats)}],
+        output_dir=str(tmp_path / "sft"),
+        steps=40,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+    )
+    summary = run_sft(recipe, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 40 and lines[-1]["lm_loss"] < 0.5 * lines[0]["lm_loss"], (
+        lines[0]["lm_loss"],
+        lines[-1]["lm_loss"],
+    )
+    model = TurboSForCausalLM.from_pretrained(summary["model_dir"])
+    assert torch.isfinite(next(model.parameters())).all()
+    config = json.loads((tmp_path / "sft" / "model" / "tokenizer_config.json").read_text())
+    assert "chat_template" in config

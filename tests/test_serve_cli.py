@@ -1,0 +1,71 @@
+"""`turbos generate` and the chat session behind `turbos chat`, on a saved tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from serve_helpers import save_model_dir
+from turbos.cli import main
+from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.interactive import ChatSession, chat_loop
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def test_generate_writes_one_record_per_input_line_in_order(model_dir, tmp_path) -> None:
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "a", "prompt": "Question: 1+1"},
+                {"id": "b", "messages": [{"role": "user", "content": "2+2?"}]},
+                {"prompt": "Question: 3+3"},
+            ]
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--model", str(model_dir), "--input", str(requests), "--output", str(out)]
+    assert main([*args, "--temperature", "0", "--max-tokens", "4", "--thinking", "no_think"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", 2]
+    assert "content" not in records[0] and records[1]["reasoning_content"] is None, "only chats are parsed"
+    assert all(r["completion_tokens"] <= 4 and r["finish_reason"] in ("stop", "length") for r in records)
+
+
+def test_generate_rejects_a_malformed_input_file(model_dir, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert main(["generate", "--model", str(model_dir), "--input", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_generate_with_a_prompt_prints_jsonl_on_request(model_dir, capsys) -> None:
+    args = ["generate", "--model", str(model_dir), "--prompt", "hi", "--chat", "--json", "--max-tokens", "3"]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record) >= {"text", "content", "reasoning_content", "finish_reason"}
+
+
+def test_chat_session_commands_and_history(model_dir) -> None:
+    engine = LLMEngine.from_pretrained(model_dir)
+    out = io.StringIO()
+    session = ChatSession(engine, SamplingParams(temperature=0, max_tokens=4), out, system="Be brief.")
+    lines = iter(["/no_think", "What is 2+2?", "/think", "And 3+3?", "/exit", "never read"])
+    chat_loop(session, read=lambda prompt: next(lines))
+    assert next(lines) == "never read", "/exit stops reading"
+    text = out.getvalue()
+    assert "[thinking mode: no_think]" in text
+    assert "[thinking]" in text, "think mode shows the reasoning apart"
+    roles = [m["role"] for m in session.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert "reasoning_content" not in session.messages[2] and "reasoning_content" in session.messages[4]
+    more = iter(["/reset", "/exit"])
+    chat_loop(session, read=lambda prompt: next(more))
+    assert session.messages == [{"role": "system", "content": "Be brief."}], "/reset keeps only the system"

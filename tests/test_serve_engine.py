@@ -1,0 +1,161 @@
+"""The engine: continuous batching gives each request exactly what it would get alone (fp32,
+greedy, token for token), whatever joins or leaves the batch; cancellation frees the slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from serve_helpers import greedy_alone, tiny_model, tiny_tokenizer
+from turbos.serve import LLMEngine, QueueFullError, SamplingParams
+from turbos.serve.async_engine import AsyncLLMEngine, EngineStoppedError
+from turbos.serve.cache_manager import SlotAttention
+from turbos.serve.engine import ContextLengthError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.get_vocab_size())
+
+
+def prompts(n: int, lengths: list[int], vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(9, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_requests_served_together_equal_each_request_alone(model, tokenizer) -> None:
+    """Different prompt lengths and lengths of output; two requests join mid-flight, one with a
+    prompt longer than the running window; prompts are prefilled in chunks of 7; at most 3 run."""
+    engine = LLMEngine(model, tokenizer, max_running=3, prefill_chunk=7, max_prefill_tokens=64)
+    vocab = model.config.vocab_size
+    first = prompts(1, [5, 19, 12], vocab)
+    late = prompts(2, [40, 3], vocab)
+    budgets = {0: 12, 1: 6, 2: 15, 3: 10, 4: 8}
+    ids = [engine.add_request(p, greedy(budgets[i])) for i, p in enumerate(first)]
+    outputs: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 4:
+            ids += [engine.add_request(p, greedy(budgets[3 + i])) for i, p in enumerate(late)]
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        if step > 4 and not engine.has_unfinished():
+            break
+    for i, (request_id, prompt) in enumerate(zip(ids, first + late, strict=True)):
+        alone = greedy_alone(model, prompt, budgets[i])
+        assert outputs[request_id] == alone, f"request {i} ({len(prompt)} prompt tokens) differs from solo"
+    assert engine.cache.num_rows == 0 and engine.num_waiting == 0, "every slot is free at the end"
+
+
+def test_generations_longer_than_the_preallocated_buffers_stay_exact(model, tokenizer) -> None:
+    """Buffers start at 64 columns; these rows grow past that and the batch relocates."""
+    engine = LLMEngine(model, tokenizer, max_running=2)
+    short, long = prompts(4, [3, 30], model.config.vocab_size)
+    first = engine.add_request(short, greedy(150))
+    outputs: dict[str, list[int]] = {}
+    for step in range(400):
+        if step == 50:
+            second = engine.add_request(long, greedy(90))
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        if step > 50 and not engine.has_unfinished():
+            break
+    attention = next(layer for layer in engine.cache.batch.layers if isinstance(layer, SlotAttention))
+    assert attention.key.shape[2] > 64, "the buffers grew"
+    assert outputs[first] == greedy_alone(model, short, 150)
+    assert outputs[second] == greedy_alone(model, long, 90)
+
+
+def test_generate_returns_results_in_prompt_order(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer, max_running=2, max_waiting=1)
+    batch = prompts(3, [4, 9, 6, 2], model.config.vocab_size)
+    results = engine.generate(batch, greedy(5))
+    assert [r.prompt_ids for r in results] == batch, "more prompts than the queue holds still all run"
+    assert [r.token_ids for r in results] == [greedy_alone(model, p, 5) for p in batch]
+    assert all(r.finish_reason == "length" for r in results)
+
+
+def test_abort_frees_the_slot_and_reports_abort(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer, max_running=2)
+    keep = engine.add_request([10, 11, 12], greedy(30))
+    drop = engine.add_request([13, 14], greedy(30))
+    engine.step()
+    engine.step()
+    assert engine.cache.num_rows == 2
+    engine.abort(drop)
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs[drop].finished and outs[drop].finish_reason == "abort"
+    assert engine.cache.num_rows == 1 and engine.cache.seqs[0].request_id == keep
+
+
+def test_the_queue_is_bounded(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer, max_running=1, max_waiting=2)
+    engine.add_request([10], greedy(3))
+    engine.add_request([11], greedy(3))
+    with pytest.raises(QueueFullError):
+        engine.add_request([12], greedy(3))
+
+
+def test_prompt_plus_max_tokens_must_fit_the_context(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer)
+    context = model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        engine.add_request([10] * 10, greedy(context - 9))
+    engine.add_request([10] * 10, greedy(context - 10))
+
+
+def test_a_stop_token_ends_the_request(model, tokenizer) -> None:
+    prompt = [10, 11, 12]
+    expected = greedy_alone(model, prompt, 4)
+    stop = expected[2]
+    params = SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop])
+    result = LLMEngine(model, tokenizer).generate([prompt], params)[0]
+    assert result.token_ids == expected[: expected.index(stop) + 1] and result.finish_reason == "stop"
+
+
+@pytest.fixture
+def slow_model(model):
+    """Each forward takes at least 20 ms, so a long request is surely still running."""
+    handle = model.register_forward_hook(lambda *args: time.sleep(0.02))
+    yield model
+    handle.remove()
+
+
+def run_async_engine(model, tokenizer, max_tokens: int, drain_timeout: float):
+    """Start a request, shut the engine down, return (every output, engine)."""
+
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(model, tokenizer))
+        engine.start()
+        request_id, queue = engine.add_request([10, 11], greedy(max_tokens))
+        first = await queue.get()
+        await asyncio.to_thread(engine.shutdown, drain_timeout)
+        rest = [out async for out in engine.stream(request_id, queue)] if not first.finished else []
+        with pytest.raises(EngineStoppedError):
+            engine.add_request([10], greedy(1))
+        return [first, *rest], engine
+
+    return asyncio.run(main())
+
+
+def test_shutdown_cancels_requests_still_running_after_the_drain_time(slow_model, tokenizer) -> None:
+    outputs, engine = run_async_engine(slow_model, tokenizer, max_tokens=200, drain_timeout=0.0)
+    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    assert not engine._thread.is_alive() and not engine.engine.has_unfinished()
+
+
+def test_shutdown_lets_requests_finish_within_the_drain_time(slow_model, tokenizer) -> None:
+    outputs, engine = run_async_engine(slow_model, tokenizer, max_tokens=5, drain_timeout=60.0)
+    assert outputs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outputs) == 5
+    assert not engine._thread.is_alive()

@@ -1,0 +1,347 @@
+"""`turbos serve` against the official `openai` client on 127.0.0.1: chat, streaming, completions,
+thinking modes, API key, OpenAI-style errors (4xx, never 500, for bad input), cancellation."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from contextlib import contextmanager
+
+import openai
+import pytest
+
+from serve_helpers import post_raw, running_server, tiny_model, tiny_tokenizer, wait_until
+from turbos.data.tokenizer import END_THINK_TOKEN, END_TOKEN, EOS_TOKEN, THINK_TOKEN
+from turbos.serve import LLMEngine, SamplingParams
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, max_running=4, max_waiting=8, seed=0)
+    with running_server(engine, max_body_bytes=MAX_BODY) as (url, async_engine):
+        yield url, async_engine
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, content: str = "What is 2+3?", **kwargs):
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], **{"max_tokens": 8, **kwargs}
+    )
+
+
+@contextmanager
+def favourite(model, token_ids: list[int]):
+    """Make these tokens the model's favourite next tokens, in this order of preference."""
+
+    def bias(module, inputs, logits):
+        for rank, token in enumerate(token_ids):
+            logits[..., token] += 100.0 * (len(token_ids) - rank)
+        return logits
+
+    handle = model.lm_head.register_forward_hook(bias)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def loves_thinking(model, tokenizer):
+    with favourite(model, [tokenizer.token_to_id(THINK_TOKEN)]):
+        yield
+
+
+def test_chat_completion_has_message_usage_and_finish_reason(client) -> None:
+    response = chat(client, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_streamed_chat_equals_the_whole_response(client) -> None:
+    whole = chat(client, temperature=0, max_tokens=12)
+    chunks = list(
+        chat(client, temperature=0, max_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
+    assert content == (whole.choices[0].message.content or "")
+    assert reasoning == (getattr(whole.choices[0].message, "reasoning_content", None) or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens, "usage chunk comes last"
+
+
+def test_completions_whole_streamed_and_batched_agree(client) -> None:
+    whole = client.completions.create(model="tiny", prompt="Question: 1+1", max_tokens=6, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Question: 1+1", max_tokens=6, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    batched = client.completions.create(
+        model="tiny", prompt=["Question: 1+1", "Q"], max_tokens=6, temperature=0
+    )
+    assert streamed == whole.choices[0].text == batched.choices[0].text
+    assert [c.index for c in batched.choices] == [0, 1]
+
+
+def test_seeded_sampling_is_reproducible(client) -> None:
+    a = chat(client, temperature=1.0, seed=7, max_tokens=10).choices[0].message.content
+    b = chat(client, temperature=1.0, seed=7, max_tokens=10).choices[0].message.content
+    assert a == b
+
+
+def test_models_lists_the_served_model(client) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_logprobs_come_with_each_token(client) -> None:
+    response = chat(client, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in content), (
+        "greedy takes the top token"
+    )
+
+
+@pytest.mark.usefixtures("loves_thinking")
+def test_auto_mode_lets_the_model_choose_to_think(client) -> None:
+    message = chat(client).choices[0].message
+    assert message.reasoning_content is not None, "the model opened <think> itself"
+
+
+@pytest.mark.usefixtures("loves_thinking")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"extra_body": {"thinking": "no_think"}},
+        {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},
+        {"reasoning_effort": "minimal"},
+    ],
+)
+def test_no_think_never_thinks_even_when_the_model_wants_to(client, kwargs) -> None:
+    message = chat(client, max_tokens=10, **kwargs).choices[0].message
+    assert message.reasoning_content is None and THINK_TOKEN not in message.content
+
+
+@pytest.mark.usefixtures("loves_thinking")
+def test_no_think_flag_in_the_message_switches_thinking_off(client) -> None:
+    assert chat(client, "2+3? /no_think").choices[0].message.reasoning_content is None
+
+
+def test_think_mode_starts_with_reasoning_even_when_the_model_would_stop_at_once(
+    client, model, tokenizer
+) -> None:
+    stops = [tokenizer.token_to_id(t) for t in (END_THINK_TOKEN, END_TOKEN, EOS_TOKEN)]
+    with favourite(model, stops):
+        for kwargs in ({"extra_body": {"thinking": "think"}}, {"reasoning_effort": "high"}):
+            response = chat(client, max_tokens=10, temperature=0, logprobs=True, **kwargs)
+            assert response.choices[0].message.reasoning_content is not None
+            first = response.choices[0].logprobs.content[0].token
+            assert first not in ("</think>", ""), f"{kwargs}: the reasoning starts with a real token"
+
+
+def test_wrong_api_key_is_rejected_with_401(model, tokenizer) -> None:
+    with running_server(LLMEngine(model, tokenizer), api_key="sesame") as (url, _):
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            chat(bad)
+        assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+        assert chat(good).choices[0].message is not None
+
+
+BAD_REQUESTS = {
+    "invalid JSON": b'{"model": "tiny", "messages": [',
+    "not an object": b"[1, 2]",
+    "not UTF-8": b'{"model": "\xff\xfe"}',
+    "messages wrong type": json.dumps({"model": "tiny", "messages": "hi"}).encode(),
+    "empty messages": json.dumps({"model": "tiny", "messages": []}).encode(),
+    "unknown role": json.dumps({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+    "content wrong type": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": 5}]}
+    ).encode(),
+    "unknown model": json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(),
+    "negative temperature": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": -1}
+    ).encode(),
+    "temperature as string": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}
+    ).encode(),
+    "top_p zero": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}
+    ).encode(),
+    "top_p above one": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}
+    ).encode(),
+    "huge max_tokens": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12}
+    ).encode(),
+    "zero max_tokens": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}
+    ).encode(),
+    "bool max_tokens": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": True}
+    ).encode(),
+    "n = 3": json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}).encode(),
+    "bad thinking mode": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "thinking": "maybe"}
+    ).encode(),
+    "bad reasoning_effort": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"}
+    ).encode(),
+    "prompt beyond the context": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "9" * 400}], "max_tokens": 1}
+    ).encode(),
+    "stop list of numbers": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}
+    ).encode(),
+    "image content": json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_chat_requests_get_400_with_an_openai_error_body(server, name) -> None:
+    status, body = post_raw(f"{server[0]}/v1/chat/completions", BAD_REQUESTS[name])
+    assert status == 400, f"{name}: status {status}, body {body}"
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"model": "tiny", "prompt": []},
+        {"model": "tiny", "prompt": ""},
+        {"model": "tiny", "prompt": [10**9]},
+        {"model": "tiny", "prompt": "x", "logprobs": 50},
+        {"model": "tiny", "prompt": "x", "echo": True},
+        {"model": "tiny"},
+    ],
+)
+def test_bad_completion_requests_get_400(server, payload) -> None:
+    status, body = post_raw(f"{server[0]}/v1/completions", json.dumps(payload).encode())
+    assert status == 400 and "error" in body, f"{payload}: {status} {body}"
+
+
+def test_an_oversized_body_gets_413(server) -> None:
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode()
+    status, error = post_raw(f"{server[0]}/v1/chat/completions", body)
+    assert status == 413 and error["error"]["code"] == "request_too_large"
+
+
+def test_a_full_queue_gets_503_and_the_server_recovers(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer, max_running=1, max_waiting=1)
+    with running_server(engine) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        busy = [engine.add_request([10, 11], long)]
+        assert wait_until(lambda: engine.num_running == 1)
+        busy.append(engine.add_request([12, 13], long))
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(client)
+        assert err.value.status_code == 503 and err.value.body["code"] == "queue_full"
+        for request_id in busy:
+            engine.abort(request_id)
+        assert wait_until(lambda: not engine.has_unfinished())
+        assert chat(client).choices[0].finish_reason in ("stop", "length")
+
+
+def test_closing_a_stream_cancels_the_request_and_frees_its_slot(client, server, model, monkeypatch) -> None:
+    engine = server[1].engine
+    aborted = []
+    monkeypatch.setattr(
+        engine, "abort", lambda request_id: aborted.append(request_id) or LLMEngine.abort(engine, request_id)
+    )
+    slow = model.register_forward_hook(lambda *args: time.sleep(0.02))  # 200 tokens take > 4 s
+    try:
+        stream = chat(client, max_tokens=200, stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        request_id = next(chunks).id
+        assert wait_until(lambda: engine.num_running == 1)
+        stream.close()
+        assert wait_until(lambda: engine.num_running == 0 and not engine.has_unfinished()), "slot not freed"
+    finally:
+        slow.remove()
+    assert aborted == [request_id], "the server aborted the request when the client went away"
+
+
+def test_health_and_metrics(server, client) -> None:
+    chat(client)
+    url = server[0]
+    import urllib.request
+
+    assert json.loads(urllib.request.urlopen(f"{url}/health").read()) == {"status": "ok"}
+    text = urllib.request.urlopen(f"{url}/metrics").read().decode()
+    for name in (
+        'turbos_requests_total{endpoint="/v1/chat/completions",outcome=',
+        "turbos_generation_tokens_total",
+        "turbos_requests_running 0",
+        "turbos_requests_waiting 0",
+        "turbos_request_latency_seconds_bucket",
+    ):
+        assert name in text, f"{name} missing from /metrics"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({"seed": 2**70}, 400),
+        ({"seed": -1}, 200),
+        ({"top_k": 10**30}, 200),
+        ({"stop": ["x"] * 100}, 400),
+        ({"temperature": float("nan")}, 400),
+        ({"logit_bias": {"5": 100}, "user": "someone", "unknown_field": [1, 2]}, 200),
+    ],
+)
+def test_extreme_values_get_an_answer_or_a_400_never_a_500(server, extra, status) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+    got, response = post_raw(f"{server[0]}/v1/chat/completions", json.dumps(body).encode())
+    assert got == status, f"{extra}: {got} {response}"
+
+
+def test_deeply_nested_json_gets_400(server) -> None:
+    body = b'{"model": "tiny", "messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"
+    assert len(body) < MAX_BODY
+    status, _ = post_raw(f"{server[0]}/v1/chat/completions", body)
+    assert status == 400
+
+
+def test_an_oversized_chunked_body_gets_413(server) -> None:
+    chunks = (b"x" * 4096 for _ in range(MAX_BODY // 4096 + 2))
+    parsed = urllib.parse.urlsplit(server[0])
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=chunks, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413, response.read()
+    finally:
+        conn.close()
