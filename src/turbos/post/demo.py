@@ -1,7 +1,8 @@
 """`turbos demo`: the TurboS pipeline in miniature on built-in data (report §2-§3.2.1).
 
-Stages, each in its own folder under the output directory and reused on a re-run unless
-``fresh`` (a stage is finished when its ``done.json`` exists):
+Stages, each in its own folder under the output directory. A finished stage (its ``done.json``
+exists) is reused on a re-run unless ``fresh``, or the settings it depends on changed, or an
+earlier stage was redone:
 
 1. ``pretrain``: the `tiny` recipe (WSD, annealing, long-context stages) on built-in text.
 2. ``sft-short``: SFT of the pre-trained model on problems with bare answers: the short-CoT model.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ class DemoSettings:
     levels: tuple[int, ...] = (1, 2, 3, 4)
     pretrain_overrides: list[str] = field(default_factory=list)
     short_problems: int = 4000
-    short_steps: int = 300
+    short_steps: int = 1200
     fusion_problems: int = 3000
     general_chats: int = 600
     adaptive_steps: int = 900
@@ -69,19 +69,42 @@ class DemoSettings:
         )
 
 
-def _stage(folder: Path, fresh: bool, title: str, index: int, run: Callable[[], dict[str, Any]]) -> dict:
+# The settings each stage depends on (a change redoes that stage and every later one).
+STAGE_SETTINGS = {
+    "pretrain": ("pretrain_overrides", "seed"),
+    "sft-short": ("families", "levels", "short_problems", "short_steps", "sft_batch", "sft_lr"),
+    "fusion": ("fusion_problems", "general_chats"),
+    "sft-adaptive": ("adaptive_steps",),
+    "eval": ("eval_per_level", "max_tokens"),
+}
+
+
+def _finished(folder: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage's saved result when it finished with these inputs, else None."""
     done = folder / "done.json"
-    if done.exists() and not fresh:
+    if not done.exists():
+        return None
+    result = json.loads(done.read_text())
+    return result if result.get("inputs") == inputs else None
+
+
+def _stage(
+    folder: Path, redo: bool, inputs: dict[str, Any], title: str, index: int, run
+) -> tuple[dict, bool]:
+    """Run a stage or reuse it; returns (result, whether it ran)."""
+    previous = None if redo else _finished(folder, inputs)
+    if previous is not None:
         print(f"[{index}/5] {title}: reusing {folder}")
-        return json.loads(done.read_text())
+        return previous, False
     print(f"[{index}/5] {title} ...", flush=True)
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     result = run()
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    result["inputs"] = inputs
+    (folder / "done.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"[{index}/5] {title}: done in {result['wall_s']:.0f} s", flush=True)
-    return result
+    return result, True
 
 
 def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progress: bool = True) -> dict:
@@ -187,12 +210,13 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         ("sft-adaptive", "adaptive SFT", adaptive_sft),
         ("eval", "evaluate no_think / think / auto", evaluate),
     ]
-    # A stage redone invalidates every later one.
-    redo = fresh
+    redo = fresh  # a stage redone invalidates every later one
     outcome: dict[str, Any] = {}
+    plain = json.loads(json.dumps(asdict(settings)))
     for index, (folder, title, run) in enumerate(stages, 1):
-        redo = redo or not (out / folder / "done.json").exists()
-        outcome[folder] = _stage(out / folder, redo, title, index, run)
+        inputs = {key: plain[key] for key in STAGE_SETTINGS[folder]}
+        outcome[folder], ran = _stage(out / folder, redo, inputs, title, index, run)
+        redo = redo or ran
     evaluation = outcome["eval"]
     print("\n" + evaluation["table"])
     for name, target in evaluation["targets"].items():
