@@ -96,3 +96,36 @@ def test_transformers_loads_the_saved_directory_unchanged(tokenizer, tmp_path):
         ids = hf(text)["input_ids"]
         assert ids == tokenizer.encode(text).ids, "transformers must tokenize exactly like tokenizers"
         assert hf.decode(ids) == text
+
+
+def test_cli_trains_a_tokenizer_that_transformers_loads_with_its_chat_template(tmp_path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    from turbos.cli import main
+
+    (tmp_path / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    (tmp_path / "b.txt").write_text("What is 12 + 30? Answer: 42\n" * 50)
+    out = tmp_path / "tok"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                f"text:{tmp_path}/*.txt",
+                "--vocab-size",
+                "300",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    hf = PreTrainedTokenizerFast.from_pretrained(out)
+    text = hf.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|bos|><|user|>hi<|end|><|assistant|>"
+    assert hf.decode(hf("lazy fox 42")["input_ids"]) == "lazy fox 42"
+    assert main(["tokenizer", "train", "--data", "nope:x", "--out", str(out)]) == 2, "bad spec: clear error"

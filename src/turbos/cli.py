@@ -94,6 +94,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import itertools
+
+    from turbos.data.corpora import build_corpus
+    from turbos.data.tokenizer import save_tokenizer, train_tokenizer
+    from turbos.serve.chat_template import save_chat_template
+
+    corpus = build_corpus(args.data if len(args.data) > 1 else args.data[0], seed=args.seed)
+    documents = itertools.islice(corpus, args.max_documents) if args.max_documents else corpus
+    tokenizer = train_tokenizer(documents, args.vocab_size, show_progress=not args.no_progress)
+    out = save_tokenizer(tokenizer, args.out)
+    save_chat_template(out)
+    print(
+        f"wrote a {tokenizer.get_vocab_size()}-token byte-level BPE to {out} (tokenizer.json, chat template)"
+    )
+    return 0
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from turbos.train.recipe import load_recipe
     from turbos.train.trainer import Trainer
@@ -306,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE with the chat and thinking special tokens")
+    p.add_argument(
+        "--data", nargs="+", required=True, help="corpus specs, e.g. builtin:pydocs 'text:docs/*.md'"
+    )
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    p.add_argument("--max-documents", type=int, default=0, help="0: the whole corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mixture when several sources are given")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
     p.add_argument("--recipe", required=True, help="e.g. recipes/tiny.yaml")
