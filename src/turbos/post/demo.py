@@ -34,10 +34,10 @@ class DemoSettings:
     levels: tuple[int, ...] = (1, 2, 3, 4)
     pretrain_overrides: list[str] = field(default_factory=list)
     short_problems: int = 4000
-    short_steps: int = 1200
+    short_steps: int = 2000
     fusion_problems: int = 3000
     general_chats: int = 600
-    adaptive_steps: int = 900
+    adaptive_steps: int = 800
     sft_batch: int = 32
     sft_lr: float = 2e-3
     eval_per_level: int = 60
