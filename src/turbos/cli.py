@@ -40,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from turbos.post.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    settings.seed = args.seed
+    settings.seed, settings.adaptive_from = args.seed, args.adaptive_from
     run_demo(args.out, settings, fresh=args.fresh, progress=not args.no_progress)  # prints the targets
     print(f"report: {args.out}/report.md")
     return 0
@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="minutes-long smoke run of every stage")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--adaptive-from",
+        choices=["base", "short"],
+        default="base",
+        help="start the adaptive SFT from the pre-trained model (the report) or the short-CoT model",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

@@ -38,6 +38,9 @@ class DemoSettings:
     fusion_problems: int = 3000
     general_chats: int = 600
     adaptive_steps: int = 800
+    adaptive_from: str = "base"
+    """Model the adaptive SFT starts from: "base" (the pre-trained model, as the report does) or
+    "short" (the short-CoT model, keeping its direct-answer skill; an ablation)."""
     sft_batch: int = 32
     sft_lr: float = 2e-3
     eval_per_level: int = 60
@@ -74,7 +77,7 @@ STAGE_SETTINGS = {
     "pretrain": ("pretrain_overrides", "seed"),
     "sft-short": ("families", "levels", "short_problems", "short_steps", "sft_batch", "sft_lr"),
     "fusion": ("fusion_problems", "general_chats"),
-    "sft-adaptive": ("adaptive_steps",),
+    "sft-adaptive": ("adaptive_steps", "adaptive_from"),
     "eval": ("eval_per_level", "max_tokens"),
 }
 
@@ -135,9 +138,9 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         export_model(TurboSForCausalLM.from_pretrained(checkpoint), load_tokenizer(checkpoint), base_model)
         return {"val_loss": summary["val_loss"], "steps": summary["steps"], "model": str(base_model)}
 
-    def sft(name: str, data: list[dict], steps: int) -> dict:
+    def sft(name: str, data: list[dict], steps: int, start: Path = base_model) -> dict:
         recipe = SFTRecipe(
-            model=str(base_model),
+            model=str(start),
             data=data,
             output_dir=str(out / name),
             max_len=512,
@@ -178,7 +181,10 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
             {"path": str(out / "fusion" / "fused.jsonl"), "weight": 4.0},
             {"path": str(out / "fusion" / "general.jsonl"), "weight": 1.0},
         ]
-        return sft("sft-adaptive", data, settings.adaptive_steps)
+        if settings.adaptive_from not in ("base", "short"):
+            raise ValueError(f"adaptive_from must be 'base' or 'short', got {settings.adaptive_from!r}")
+        start = base_model if settings.adaptive_from == "base" else out / "sft-short" / "model"
+        return sft("sft-adaptive", data, settings.adaptive_steps, start)
 
     def evaluate() -> dict:
         engine = LLMEngine.from_pretrained(out / "sft-adaptive" / "model", max_running=64, seed=settings.seed)
