@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turbos.kernels.ssd import ssd_chunk_scan, ssd_sequential_scan, ssd_step
+from turbos.kernels.ssd import ssd_chunk_scan, ssd_sequential_scan, ssd_step, ssd_update_
 
 
 def naive_recurrence(x, dt, A, B, C, D, state):
@@ -72,6 +72,19 @@ def test_sequential_reference_and_step_agree_with_the_recurrence() -> None:
     assert torch.allclose(y.double(), y_ref, atol=1e-4) and torch.allclose(s.double(), s_ref, atol=1e-4)
     y0, _ = ssd_step(s0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
     assert torch.allclose(y0.double(), y_ref[:, 0], atol=1e-5)
+
+
+def test_in_place_update_matches_the_step() -> None:
+    """The decode kernel (state updated in place) equals the functional step, over several steps."""
+    x, dt, A, B, C, D, s0 = random_inputs(T=6)
+    state, ref = s0.float().clone(), s0.float()
+    for t in range(6):
+        y_ref, ref = ssd_step(ref, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        y = ssd_update_(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        assert torch.allclose(y, y_ref, atol=1e-5), (y - y_ref).abs().max()
+    assert torch.allclose(state, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="fp32"):
+        ssd_update_(state.double(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
 
 
 def test_scan_state_is_fp32_for_bf16_inputs() -> None:

@@ -55,6 +55,36 @@ def ssd_step(
     return y, state
 
 
+def ssd_update_(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ssd_step`` that updates ``state`` (fp32, contiguous) in place and returns y (b, h, p) fp32.
+
+    The decode path (report §5: a selective-state-update kernel reads and writes the Mamba state
+    in place). Heads are viewed as (groups, heads per group) so B and C broadcast per group
+    without being repeated, and no state-sized temporary is allocated: on CPU a fresh state per
+    step per layer costs more than the arithmetic.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("ssd_update_ needs a contiguous fp32 state")
+    x, dt = x.float(), dt.float()
+    s = state.view(b, g, h // g, p, n)
+    s.mul_(torch.exp(dt * A.float()).view(b, g, h // g, 1, 1))
+    s.addcmul_((x * dt[..., None]).view(b, g, h // g, p, 1), B.float().view(b, g, 1, 1, n))
+    y = torch.linalg.vecdot(s, C.float().view(b, g, 1, 1, n)).view(b, h, p)
+    if D is not None:
+        y = y.addcmul_(x, D.float()[:, None])
+    return y
+
+
 def ssd_sequential_scan(
     x: torch.Tensor,
     dt: torch.Tensor,

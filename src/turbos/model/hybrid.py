@@ -95,7 +95,10 @@ class TurboSModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: HybridCache | None = None,
+        router_losses: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
+        """Final hidden states, summed MoE router losses (0 without ``router_losses``) and
+        per-layer routing stats (empty without ``router_losses``)."""
         b, T = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
@@ -126,9 +129,10 @@ class TurboSModel(nn.Module):
             elif layer.kind == "M":
                 x = layer.mixer(x, cache, token_mask)
             elif isinstance(layer.mixer, MoE):
-                x, loss, layer_stats = layer.mixer(x, token_mask)
-                aux = aux + loss
-                stats.append(layer_stats)
+                x, loss, layer_stats = layer.mixer(x, token_mask, router_losses)
+                if router_losses:
+                    aux = aux + loss
+                    stats.append(layer_stats)
             else:
                 x = layer.mixer(x)
             h = h + x
@@ -181,15 +185,22 @@ class TurboSForCausalLM(nn.Module):
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        router_losses: bool | None = None,
     ) -> CausalLMOutput:
         """Logits for the next token at each position (or the last ``logits_to_keep``).
 
         labels: like input_ids, IGNORE_INDEX (-100) where no loss is wanted; shifted inside.
         use_cache: create a HybridCache if none is given and return it.
+        router_losses: compute the MoE load-balancing / z losses and routing stats (``aux_loss``,
+        ``moe_stats``); by default when training or when labels are given, so inference skips them.
         """
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(self.config, input_ids.shape[0], device=input_ids.device)
-        hidden, aux, stats = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        if router_losses is None:
+            router_losses = self.training or labels is not None
+        hidden, aux, stats = self.model(
+            input_ids, attention_mask, position_ids, past_key_values, router_losses
+        )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

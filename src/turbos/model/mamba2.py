@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbos.config import TurboSConfig
-from turbos.kernels.ssd import ssd_chunk_scan, ssd_step
+from turbos.kernels.ssd import ssd_chunk_scan, ssd_step, ssd_update_
 from turbos.model.cache import MambaCache
 from turbos.model.norm import GatedRMSNorm
 
@@ -114,13 +114,19 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, T, self.num_heads, self.head_dim)
         B = B.reshape(b, T, self.n_groups, self.state_size)
         C = C.reshape(b, T, self.n_groups, self.state_size)
-        if cache is not None and T == 1:
-            y, state = ssd_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)
+        if cache is not None and T == 1 and not torch.is_grad_enabled():
+            # Decode: the state is read and written in place (no new state per step).
+            state = cache.ssm_state
+            if state.dtype != torch.float32 or not state.is_contiguous():
+                cache.ssm_state = state = state.float().contiguous()
+            y = ssd_update_(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]
+        elif cache is not None and T == 1:
+            y, cache.ssm_state = ssd_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)
             y = y[:, None]
         else:
             initial = None if cache is None else cache.ssm_state
             y, state = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, self.D, initial)
-        if cache is not None:
-            cache.ssm_state = state
+            if cache is not None:
+                cache.ssm_state = state
         y = self.norm(y.reshape(b, T, self.d_inner), z)  # fp32 in, fp32 out
         return self.out_proj(y.to(dtype))

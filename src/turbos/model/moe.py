@@ -180,11 +180,15 @@ class MoE(nn.Module):
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        router_losses: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, MoEStats | None]:
         """hidden_states (b, T, H); token_mask (b, T), 0 on padding (not routed, not in the losses).
 
-        Returns (output, weighted router loss, stats)."""
+        Returns (output, weighted router loss, stats); the last two are None when
+        ``router_losses`` is False (inference: nothing but the output is computed)."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         logits = self.gate(x)  # (N, E) fp32
@@ -206,6 +210,8 @@ class MoE(nn.Module):
         out = self.experts(x, chosen, top_w)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(x)
+        if not router_losses:
+            return out.reshape(shape), None, None
 
         # Load-balancing loss (Switch / Hunyuan-Large): E * sum_e f_e * P_e, with f_e the fraction
         # of top-k choices that picked e (before capacity) and P_e the mean router probability.

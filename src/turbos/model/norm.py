@@ -16,10 +16,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight.float() * x).to(dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.variance_epsilon).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -39,6 +36,9 @@ class GatedRMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float() * F.silu(gate.float())
         *prefix, width = x.shape
-        x = x.view(*prefix, width // self.group_size, self.group_size)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        x = F.rms_norm(
+            x.view(*prefix, width // self.group_size, self.group_size),
+            (self.group_size,),
+            eps=self.variance_epsilon,
+        )
         return (self.weight.float() * x.view(*prefix, width)).to(dtype)

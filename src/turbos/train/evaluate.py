@@ -45,7 +45,7 @@ class RowLoss:
 
 def row_loss(model: TurboSForCausalLM, rows: torch.Tensor) -> RowLoss:
     """Loss of rows (batch, seq_len + 1): inputs rows[:, :-1], targets rows[:, 1:]."""
-    out = model(rows[:, :-1])
+    out = model(rows[:, :-1], router_losses=True)
     lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), rows[:, 1:].flatten())
     return RowLoss(lm_loss + out.aux_loss, lm_loss, out.aux_loss, out.moe_stats)
 
