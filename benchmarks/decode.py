@@ -11,7 +11,12 @@
 
     python benchmarks/decode.py [--threads 1] [--contexts 2048 8192 32768]
 
-Writes benchmarks/results/decode.json and decode.png. All fp32.
+The comparison with HF runs in fp32 and bf16 (both sides in the same dtype; our Mamba state stays
+fp32), and with our weights in int8 (bf16 activations) against HF in bf16. It also measures the
+time to stream one token's weights from memory once, the floor of any batch-1 decode step on this
+machine; ``speedup_ceiling`` = HF's step time / that floor.
+
+Writes benchmarks/results/decode.json and decode.png. The hybrid-vs-attention part is fp32.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ from turbos.config import TurboSConfig  # noqa: E402
 from turbos.data.tasks import generate_problems, render_document  # noqa: E402
 from turbos.data.tokenizer import train_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
+from turbos.model.moe import RoutedExperts  # noqa: E402
+from turbos.model.quant import Int8Linear, Int8RoutedExperts, int8_linear, quantize_int8_  # noqa: E402
 from turbos.presets import get_preset  # noqa: E402
 from turbos.serve import LLMEngine, SamplingParams  # noqa: E402
+from turbos.train.plots import pyplot  # noqa: E402
 
 
 def greedy(n: int) -> SamplingParams:
@@ -69,10 +77,70 @@ def hf_decode_s(model, prompts: list[list[int]], new_tokens: int) -> float:
     return run(new_tokens) - run(1)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+"""Row label -> activation dtype of both sides; "int8": our weights int8 (``--quantization int8``),
+HF's bf16 (transformers has no int8 path of its own for NemotronH on CPU)."""
+
+
+def token_weights(model: TurboSForCausalLM) -> list[torch.Tensor]:
+    """The weight matrices one decode step of one token must read: every linear layer, the LM head
+    and, per MoE layer, top_k of the routed experts (the embedding contributes one row only)."""
+    weights = []
+    k = model.config.num_experts_per_tok
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weights.append(module.weight)
+        elif isinstance(module, Int8Linear):
+            weights.append(module.qweight)
+        elif isinstance(module, Int8RoutedExperts):
+            weights += [*module.gate_up_proj_q[:k], *module.down_proj_q[:k]]
+        elif isinstance(module, RoutedExperts):
+            weights += [*module.gate_up_proj[:k], *module.down_proj[:k]]
+    return weights
+
+
+def weight_floor_s(model: TurboSForCausalLM, repeats: int = 20) -> float:
+    """Seconds to stream one token's weights through F.linear: a memory-bandwidth floor for a
+    batch-1 decode step in the model's dtype, whatever the implementation."""
+    weights = token_weights(model)
+    dtype = model.model.embed_tokens.weight.dtype
+    inputs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
+    ones = {w.shape[0]: torch.ones(w.shape[0]) for w in weights}
+
+    def run() -> None:
+        for x, w in zip(inputs, weights, strict=True):
+            if w.dtype == torch.int8:
+                int8_linear(x, w, ones[w.shape[0]])
+            else:
+                torch.nn.functional.linear(x, w)
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
 def versus_hf(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(0)
-    ours = TurboSForCausalLM(config).eval()
-    theirs = nemotron_h_like(config)
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        torch.manual_seed(0)
+        ours = TurboSForCausalLM(config).eval().to(dtype)
+        if dtype_name == "int8":
+            quantize_int8_(ours)
+        theirs = nemotron_h_like(config).to(dtype)
+        floor = weight_floor_s(ours)
+        print(f"{dtype_name}: streaming one token's weights takes {floor * 1e3:.2f} ms", flush=True)
+        rows += versus_hf_rows(ours, theirs, tokenizer, args, dtype_name, floor)
+    return rows
+
+
+def versus_hf_rows(ours, theirs, tokenizer, args, dtype_name: str, floor: float) -> list[dict]:
+    config = ours.config
     rows = []
     for batch in args.batches:
         engine = LLMEngine(ours, tokenizer, max_running=batch, prefill_chunk=args.prompt_len)
@@ -85,6 +153,7 @@ def versus_hf(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> list
             t_hf.append(hf_decode_s(theirs, prompts, args.new_tokens))
         tokens = batch * (args.new_tokens - 1)
         row = {
+            "dtype": dtype_name,
             "batch": batch,
             "prompt_tokens": args.prompt_len,
             "new_tokens": args.new_tokens,
@@ -92,10 +161,17 @@ def versus_hf(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> list
             "hf_nemotron_h_tok_s": tokens / min(t_hf),
         }
         row["speedup"] = row["turbos_tok_s"] / row["hf_nemotron_h_tok_s"]
+        if batch == 1:
+            # No batch-1 step can beat the time to read its weights once.
+            row["weight_floor_ms"] = floor * 1e3
+            row["turbos_ms_per_token"] = 1e3 / row["turbos_tok_s"]
+            row["hf_ms_per_token"] = 1e3 / row["hf_nemotron_h_tok_s"]
+            row["speedup_ceiling"] = row["hf_ms_per_token"] / row["weight_floor_ms"]
         rows.append(row)
         print(
-            f"batch {batch:>2}: turbos engine {row['turbos_tok_s']:8.1f} tok/s   HF NemotronH generate "
-            f"{row['hf_nemotron_h_tok_s']:8.1f} tok/s   ratio {row['speedup']:.2f}x",
+            f"{dtype_name} batch {batch:>2}: turbos engine {row['turbos_tok_s']:8.1f} tok/s   "
+            f"HF NemotronH generate {row['hf_nemotron_h_tok_s']:8.1f} tok/s   ratio {row['speedup']:.2f}x"
+            + (f" (weight-read ceiling {row['speedup_ceiling']:.2f}x)" if batch == 1 else ""),
             flush=True,
         )
     return rows
@@ -168,6 +244,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--repeats", type=int, default=3)
@@ -194,14 +271,14 @@ def main() -> None:
         / at[("attention", top)]["cache_bytes"],
         "prefill_speedup_at_longest": at[("attention", top)]["prefill_s"] / at[("hybrid", top)]["prefill_s"],
     }
-    batch1 = next((r["speedup"] for r in vs_hf if r["batch"] == 1), None)
+    batch1 = max((r["speedup"] for r in vs_hf if r["batch"] == 1), default=None)
     payload = {
         "benchmark": "decode",
         "preset": args.preset,
-        "dtype": "fp32",
+        "dtype": "versus_hf: each row's dtype, both sides (Mamba state fp32); hybrid_vs_attention: fp32",
         "machine": machine(),
         "versus_hf": {
-            "baseline": "transformers NemotronHForCausalLM.generate(), same dimensions, sdpa attention",
+            "baseline": "transformers NemotronHForCausalLM.generate(), same dimensions and dtype, sdpa",
             "rows": vs_hf,
         },
         "hybrid_vs_attention": {"layouts": layouts, "rows": long_rows, "longest_context": top, **ratios},
@@ -223,13 +300,10 @@ def main() -> None:
 
 
 def plot(vs_hf: list[dict], rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    labels = [f"batch {r['batch']}" for r in vs_hf]
+    labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in vs_hf]
     x = range(len(vs_hf))
     axes[0].bar([i - 0.2 for i in x], [r["turbos_tok_s"] for r in vs_hf], 0.4, label="turbos engine")
     axes[0].bar([i + 0.2 for i in x], [r["hf_nemotron_h_tok_s"] for r in vs_hf], 0.4, label="HF NemotronH")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, nemotron_h_like, time_call, write_json  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
 from turbos.presets import get_preset  # noqa: E402
+from turbos.train.plots import pyplot  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -98,10 +99,7 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths = [r["tokens"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -32,6 +32,17 @@ def test_loss_ignores_masked_labels_and_includes_aux_loss() -> None:
     assert out.aux_loss > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
 
 
+def test_router_losses_only_when_training_or_labelled() -> None:
+    model = TurboSForCausalLM(small_config()).eval()
+    ids = torch.randint(0, 97, (2, 10))
+    plain = model(ids)
+    assert plain.aux_loss.item() == 0 and plain.moe_stats == [], "inference skips router losses"
+    forced = model(ids, router_losses=True)
+    assert forced.aux_loss > 0 and len(forced.moe_stats) == 3
+    assert torch.equal(plain.logits, forced.logits)
+    assert model(ids, labels=ids).aux_loss > 0 and model.train()(ids).aux_loss > 0
+
+
 def test_every_parameter_gets_a_gradient() -> None:
     model = TurboSForCausalLM(small_config()).train()
     ids = torch.randint(0, 97, (4, 24))

@@ -174,6 +174,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=16, help="sequences decoded together at most")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
     p.add_argument("--seed", type=int, help="seed of the sampler for requests without their own")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument("--quantization", choices=["int8"], help="int8: weight-only int8 (activations in --dtype)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -187,6 +191,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
+    import torch
+
     from turbos.serve import LLMEngine, SamplingParams
 
     engine = LLMEngine.from_pretrained(
@@ -197,6 +203,8 @@ def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
         max_waiting=max_waiting,
         prefill_chunk=args.prefill_chunk,
         seed=args.seed,
+        dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+        quantization=args.quantization,
     )
     if not hasattr(args, "temperature"):
         return engine, None

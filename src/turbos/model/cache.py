@@ -37,6 +37,21 @@ class MambaCache:
     conv_state: torch.Tensor
     ssm_state: torch.Tensor
 
+    @classmethod
+    def zeros(
+        cls, config: TurboSConfig, batch_size: int, device: torch.device | str | None = None
+    ) -> MambaCache:
+        """The state before any token: zeros, fp32."""
+        conv = torch.zeros(batch_size, config.mamba_conv_kernel - 1, config.mamba_conv_dim, device=device)
+        ssm = torch.zeros(
+            batch_size,
+            config.mamba_num_heads,
+            config.mamba_head_dim,
+            config.mamba_state_size,
+            device=device,
+        )
+        return cls(conv, ssm)
+
 
 class HybridCache:
     """Per-layer decoding state for a batch; ``layers[i]`` is None for feed-forward layers."""
@@ -52,17 +67,7 @@ class HybridCache:
             if kind == "A":
                 self.layers.append(AttentionCache())
             elif kind == "M":
-                conv = torch.zeros(
-                    batch_size, config.mamba_conv_kernel - 1, config.mamba_conv_dim, device=device
-                )
-                ssm = torch.zeros(
-                    batch_size,
-                    config.mamba_num_heads,
-                    config.mamba_head_dim,
-                    config.mamba_state_size,
-                    device=device,
-                )
-                self.layers.append(MambaCache(conv, ssm))
+                self.layers.append(MambaCache.zeros(config, batch_size, device))
             else:
                 self.layers.append(None)
 

@@ -56,6 +56,11 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x @ W.T for one expert's ``gate_up_proj`` or ``down_proj`` (quantized subclasses
+        override this)."""
+        return F.linear(x, getattr(self, name)[expert])
+
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); expert_idx (N, k) with -1 for 'no expert'; weights (N, k) -> (N, H)."""
         N, k = expert_idx.shape
@@ -70,8 +75,8 @@ class RoutedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = F.linear(xs[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = self.project(xs[start : start + n], "gate_up_proj", e).chunk(2, dim=-1)
+            out[start : start + n] = self.project(F.silu(gate) * up, "down_proj", e)
             start += n
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, out)

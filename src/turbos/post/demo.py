@@ -24,6 +24,7 @@ from typing import Any
 from turbos.data.tasks import generate_problems
 from turbos.post.chat_data import general_records, short_cot_records, write_records
 from turbos.post.cot_fusion import BuiltinTeacher, fuse_dataset, write_jsonl
+from turbos.train.plots import pyplot
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 
@@ -298,17 +299,8 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
     (out / "report.md").write_text("\n".join(lines))
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_accuracy_vs_tokens(results: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for mode, marker in (("no_think", "s"), ("think", "^"), ("auto", "o")):
         s = results[mode]["overall"]
@@ -324,7 +316,7 @@ def plot_accuracy_vs_tokens(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_think_rate(results: dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for mode in ("no_think", "think", "auto"):
         levels = sorted(results[mode]["by_level"], key=int)

@@ -70,17 +70,7 @@ class BatchCache:
             if kind == "A":
                 self.layers.append(SlotAttention(self, *self._kv_buffers(rows, capacity)))
             elif kind == "M":
-                conv = torch.zeros(
-                    num_rows, config.mamba_conv_kernel - 1, config.mamba_conv_dim, device=device
-                )
-                ssm = torch.zeros(
-                    num_rows,
-                    config.mamba_num_heads,
-                    config.mamba_head_dim,
-                    config.mamba_state_size,
-                    device=device,
-                )
-                self.layers.append(MambaCache(conv, ssm))
+                self.layers.append(MambaCache.zeros(config, num_rows, device))
             else:
                 self.layers.append(None)
 

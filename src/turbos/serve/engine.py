@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from turbos.model import TurboSForCausalLM
+from turbos.model.quant import QUANTIZATIONS, quantize_int8_
 from turbos.serve.cache_manager import CacheManager
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.runner import ModelRunner, PrefillJob
@@ -93,11 +94,13 @@ class LLMEngine:
         tokenizer_dir: str | os.PathLike | None = None,
         device: str = "auto",
         dtype: torch.dtype | None = None,
+        quantization: str | None = None,
         **kwargs,
     ) -> LLMEngine:
         """Load ``config.json``, ``model.safetensors`` and the tokenizer (default: same directory).
 
-        dtype None: bf16 on CUDA, fp32 on CPU.
+        dtype None: bf16 on CUDA, fp32 on CPU. quantization "int8": int8 weights, activations in
+        ``dtype`` (``turbos.model.quant``).
         """
         from turbos.data.tokenizer import load_tokenizer
         from turbos.train.evaluate import resolve_device
@@ -105,7 +108,11 @@ class LLMEngine:
         resolved = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
         model = TurboSForCausalLM.from_pretrained(model_dir, device=resolved, dtype=dtype)
+        if quantization == "int8":
+            quantize_int8_(model)
         return cls(model, load_tokenizer(tokenizer_dir or model_dir), **kwargs)
 
     # ----------------------------------------------------------------------- requests

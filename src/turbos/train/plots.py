@@ -9,7 +9,8 @@ from typing import Any
 from turbos.train.metrics import read_metrics
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -36,7 +37,7 @@ def _stage_boundaries(ax: Any, train: list[dict[str, Any]]) -> None:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if "lm_loss" in r]
     val = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -62,7 +63,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_learning_rates(records: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if "lr" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     groups = list(train[0]["lr"]) if train else []
@@ -81,7 +82,7 @@ def plot_learning_rates(records: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path:
     """One heat map per MoE layer: expert (rows) x step (columns), colour = share of assignments."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if r.get("expert_load")]
     num_layers = len(train[0]["expert_load"])
     fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.2 + 1.1 * num_layers), sharex=True, squeeze=False)
