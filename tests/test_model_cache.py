@@ -118,3 +118,21 @@ def test_nothing_depends_on_the_chunk_size_but_round_off() -> None:
     ids = torch.randint(0, 97, (2, 50))
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max().item() <= TOL
+
+
+def test_decode_state_is_updated_in_place_and_survives_a_mode_change() -> None:
+    """Decode writes the Mamba2 state in place; a cache filled under inference_mode keeps working
+    under no_grad (the state is copied once rather than written as an inference tensor)."""
+    model, ids = model_and_ids(T=8, batch=2)
+    with torch.no_grad():
+        whole = model(ids).logits[:, -1]
+    cache = HybridCache(model.config, 2)
+    with torch.inference_mode():
+        model(ids[:, :6], past_key_values=cache)
+        mamba = next(layer for layer in cache.layers if hasattr(layer, "ssm_state"))
+        before = mamba.ssm_state
+        model(ids[:, 6:7], past_key_values=cache)
+        assert mamba.ssm_state is before, "decode updates the state tensor in place"
+    with torch.no_grad():
+        last = model(ids[:, 7:8], past_key_values=cache).logits[:, -1]
+    assert (last - whole).abs().max().item() <= TOL

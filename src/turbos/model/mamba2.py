@@ -117,8 +117,12 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and T == 1 and not torch.is_grad_enabled():
             # Decode: the state is read and written in place (no new state per step).
             state = cache.ssm_state
-            if state.dtype != torch.float32 or not state.is_contiguous():
-                cache.ssm_state = state = state.float().contiguous()
+            foreign = state.is_inference() and not torch.is_inference_mode_enabled()
+            if foreign or state.dtype != torch.float32 or not state.is_contiguous():
+                # An inference-mode tensor cannot be written outside inference mode: own a copy.
+                cache.ssm_state = state = state.to(
+                    torch.float32, memory_format=torch.contiguous_format, copy=True
+                )
             y = ssd_update_(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)[:, None]
         elif cache is not None and T == 1:
             y, cache.ssm_state = ssd_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)
