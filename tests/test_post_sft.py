@@ -14,6 +14,7 @@ from turbos.model.hybrid import IGNORE_INDEX
 from turbos.post.sft import (
     EncodedData,
     SFTRecipe,
+    batch_rows,
     encode_conversation,
     read_conversations,
     row_sampler,
@@ -69,6 +70,25 @@ def test_datasets_mix_by_weight_not_by_size() -> None:
     data = EncodedData(ids=[[1]] * 100, labels=[[1]] * 100, source=[0] * 90 + [1] * 10, skipped=0)
     probs = row_sampler(data, [1.0, 1.0], seed=0)
     assert probs[:90].sum().item() == pytest.approx(0.5) and probs[90:].sum().item() == pytest.approx(0.5)
+
+
+def test_length_grouped_batches_pad_less_and_keep_the_mix() -> None:
+    lengths = [5] * 50 + [100] * 50
+    probs = torch.full((100,), 1 / 100)
+
+    def padded_fraction(group: int) -> tuple[float, float]:
+        batches = batch_rows(probs, lengths, 8, group, torch.Generator().manual_seed(0))
+        drawn = [next(batches) for _ in range(400)]
+        padded = sum(8 * max(lengths[r] for r in rows) for rows in drawn)
+        real = sum(lengths[r] for rows in drawn for r in rows)
+        long_share = sum(r >= 50 for rows in drawn for r in rows) / (8 * len(drawn))
+        assert all(len(rows) == 8 for rows in drawn)
+        return padded / real, long_share
+
+    plain, plain_share = padded_fraction(1)
+    grouped, grouped_share = padded_fraction(8)
+    assert plain > 1.6 and grouped < 1.2, (plain, grouped)
+    assert abs(plain_share - 0.5) < 0.05 and abs(grouped_share - 0.5) < 0.05
 
 
 def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path) -> None:
