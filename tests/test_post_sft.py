@@ -77,8 +77,14 @@ def test_length_grouped_batches_pad_less_and_keep_the_mix() -> None:
     probs = torch.full((100,), 1 / 100)
 
     def padded_fraction(group: int) -> tuple[float, float]:
-        batches = batch_rows(probs, lengths, 8, group, torch.Generator().manual_seed(0))
-        drawn = [next(batches) for _ in range(400)]
+        batches = batch_rows(probs, lengths, lengths, 8, group, torch.Generator().manual_seed(0))
+        drawn, weights = zip(*(next(batches) for _ in range(400)), strict=True)
+        # Weighted batch losses count every token alike: weight = batch tokens / mean batch tokens.
+        tokens = [sum(lengths[r] for r in rows) for rows in drawn]
+        for start in range(0, 400, group):
+            chunk = tokens[start : start + group]
+            expected = [t / (sum(chunk) / len(chunk)) for t in chunk]
+            assert weights[start : start + group] == pytest.approx(expected)
         padded = sum(8 * max(lengths[r] for r in rows) for rows in drawn)
         real = sum(lengths[r] for rows in drawn for r in rows)
         long_share = sum(r >= 50 for rows in drawn for r in rows) / (8 * len(drawn))

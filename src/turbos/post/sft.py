@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,8 @@ class SFTRecipe:
     group_by_length: int = 8
     """Rows are drawn this many batches at a time, sorted by length and cut into batches visited in
     random order (Hugging Face's ``group_by_length``), so a batch pads to similar lengths; 1 draws
-    each batch on its own. On data mixing short and long replies this halves the padded tokens."""
+    each batch on its own. On data mixing short and long replies this halves the padded tokens.
+    Batch losses are weighted by target tokens so that every token counts alike (``batch_rows``)."""
     checkpoint_interval: int = 0
     """0: only the final model is written."""
     keep_last: int = 1
@@ -216,17 +217,29 @@ def row_sampler(data: EncodedData, weights: Sequence[float], seed: int) -> torch
 
 
 def batch_rows(
-    probs: torch.Tensor, lengths: Sequence[int], batch_size: int, group: int, generator: torch.Generator
-):
-    """Endless batches of row indices drawn (with replacement) from ``probs``; ``group`` batches at
-    a time are sorted by length and visited in random order."""
-    lengths = torch.tensor(lengths)
+    probs: torch.Tensor,
+    lengths: Sequence[int],
+    targets: Sequence[int],
+    batch_size: int,
+    group: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[list[int], float]]:
+    """Endless (row indices, loss weight) batches drawn with replacement from ``probs``.
+
+    ``group`` batches at a time are sorted by ``lengths`` and visited in random order. Each batch's
+    mean token loss is weighted by its share of the group's target tokens (``targets`` per row),
+    so every target token counts alike, as in unsorted batches: otherwise a batch of short replies
+    would weigh as much as one of long replies with ten times the tokens.
+    """
+    lengths, targets = torch.tensor(lengths), torch.tensor(targets, dtype=torch.float64)
     while True:
         rows = torch.multinomial(probs, batch_size * group, replacement=True, generator=generator)
         if group > 1:
             rows = rows[torch.argsort(lengths[rows], stable=True)]
+        per_batch = targets[rows].view(group, batch_size).sum(1)
+        mean = per_batch.mean().clamp(min=1.0)
         for b in torch.randperm(group, generator=generator).tolist():
-            yield rows[b * batch_size : (b + 1) * batch_size].tolist()
+            yield rows[b * batch_size : (b + 1) * batch_size].tolist(), float(per_batch[b] / mean)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -265,10 +278,15 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
     bar = tqdm(range(recipe.steps), desc="sft", disable=not progress, dynamic_ncols=True)
     start, tokens, loss_value = time.perf_counter(), 0, float("nan")
     batches = batch_rows(
-        probs, [len(x) for x in data.ids], recipe.batch_size, recipe.group_by_length, generator
+        probs,
+        [len(x) for x in data.ids],
+        [sum(t != IGNORE_INDEX for t in y) for y in data.labels],
+        recipe.batch_size,
+        recipe.group_by_length,
+        generator,
     )
     for step in bar:
-        rows = next(batches)
+        rows, weight = next(batches)
         input_ids, mask, labels = (
             t.to(device) for t in collate([data.ids[i] for i in rows], [data.labels[i] for i in rows])
         )
@@ -277,7 +295,7 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
         with autocast_context(recipe.precision, device):
             result = model(input_ids, attention_mask=mask, labels=labels)
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        (result.lm_loss * weight + result.aux_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).item()
         optimizer.step()
         step_tokens = int(mask.sum())
