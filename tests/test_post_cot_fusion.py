@@ -71,3 +71,17 @@ def test_dataset_counts_and_records_carry_no_mode_prompt() -> None:
 def test_house_style_keeps_one_final_answer_line() -> None:
     text = "<think>\nfirst 2+2=5?\n\nAnswer: 5\nno, 2+2=4\n</think>\n\nAnswer: 4."
     assert house_style(text) == "first 2+2=5?\nno, 2+2=4\nAnswer: 4"
+
+
+def test_several_answers_count_as_solved_only_when_all_are_right() -> None:
+    p = problems(1)[0]
+    right, wrong = render_short(p), f"Answer: {int(p.answer) + 3}"
+    ex = fuse_example(p, [right, right, right], ScriptedTeacher(0))
+    assert not ex.thought and ex.response == "<think></think>" + right
+    ex = fuse_example(p, [right, wrong, f"Answer: {int(p.answer) + 5}"], ScriptedTeacher(0))
+    assert ex.thought, "a lucky greedy answer is not a reliable skill"
+    assert ex.response.startswith("<think>\n" + wrong + "\n" + REFLECTION), (
+        "the first wrong answer is the attempt"
+    )
+    examples, stats = fuse_dataset([p, p], [[right, right], [right, wrong]], BuiltinTeacher())
+    assert (stats.short, stats.long) == (1, 1)

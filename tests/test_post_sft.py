@@ -19,6 +19,7 @@ from turbos.post.sft import (
     read_conversations,
     row_sampler,
     run_sft,
+    sequence_mean_loss,
 )
 
 
@@ -95,6 +96,23 @@ def test_length_grouped_batches_pad_less_and_keep_the_mix() -> None:
     grouped, grouped_share = padded_fraction(8)
     assert plain > 1.6 and grouped < 1.2, (plain, grouped)
     assert abs(plain_share - 0.5) < 0.05 and abs(grouped_share - 0.5) < 0.05
+
+
+def test_sequence_loss_weighs_every_reply_alike() -> None:
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[-100, 3, -100, -100, -100, -100], [-100, 1, 2, 3, 4, 5]])
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none"
+    )
+    short = per_token[0, 0]
+    long = per_token[1].mean()
+    assert sequence_mean_loss(logits, labels).item() == pytest.approx(((short + long) / 2).item(), rel=1e-5)
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert token_mean.item() == pytest.approx(((short + 5 * long) / 6).item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss_normalization"):
+        SFTRecipe.from_dict(
+            {"model": "m", "data": [{"path": "x"}], "output_dir": "o", "loss_normalization": "x"}
+        )
 
 
 def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path) -> None:

@@ -57,7 +57,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     from turbos.data.tasks import generate_problems
     from turbos.post.cot_fusion import BuiltinTeacher, EndpointTeacher, fuse_dataset, write_jsonl
-    from turbos.post.evaluate import answer_problems, read_problems
+    from turbos.post.evaluate import read_problems, repeated_answers
     from turbos.serve import LLMEngine
 
     if args.problems:
@@ -71,8 +71,8 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     else:
         teacher = EndpointTeacher(args.teacher_url, args.teacher_model, api_key=args.teacher_api_key)
     engine = LLMEngine.from_pretrained(args.model, max_running=args.max_running)
-    attempts = answer_problems(engine, problems, "auto", max_tokens=args.max_tokens)
-    examples, stats = fuse_dataset(problems, [a.text for a in attempts], teacher, args.max_rounds)
+    responses = repeated_answers(engine, problems, args.samples, args.temperature, args.seed, args.max_tokens)
+    examples, stats = fuse_dataset(problems, responses, teacher, args.max_rounds)
     write_jsonl(examples, args.output)
     print(json.dumps(stats.to_dict(), indent=2))
     print(f"wrote {len(examples)} examples to {args.output}")
@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-model", default="teacher")
     p.add_argument("--teacher-api-key", default="EMPTY")
     p.add_argument("--max-rounds", type=int, default=3)
+    p.add_argument(
+        "--samples", type=int, default=0, help="sampled answers besides the greedy one; solved = all right"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,8 @@
 """Adaptive long-short chain-of-thought fusion, SFT part (report §3.2.1).
 
 1. A short-CoT model answers every reasoning problem; the problem's verifier checks the answer.
+   Optionally it answers several times (greedy, then samples) and only a problem it gets right
+   every time counts as solved, so lucky guesses do not teach the adaptive model to skip thinking.
 2. Correct: the training response is the short answer as the model wrote it, after an empty
    ``<think></think>`` block. Every fused response opens a think block, so the model's first
    decision is whether to close it at once; ``no_think`` inference primes exactly that empty
@@ -153,12 +155,22 @@ class FusedExample:
 
 
 def fuse_example(
-    problem: Problem, short_response: str, teacher: Teacher, max_rounds: int = 3
+    problem: Problem, short_response: str | Sequence[str], teacher: Teacher, max_rounds: int = 3
 ) -> FusedExample | None:
-    """The fused training example for one problem, or None when the teacher never got it right."""
-    if verify(problem, short_response):
-        return FusedExample(problem, short_form(short_response), thought=False, teacher_rounds=0)
-    attempts = [short_response.strip() or "(no answer)"]
+    """The fused training example for one problem, or None when the teacher never got it right.
+
+    ``short_response`` may be several answers of the short model to the problem (e.g. greedy then
+    samples): the problem counts as solved only when every one is right (a reliable skill, not a
+    lucky draw); otherwise the first wrong answer is the failed attempt the teacher continues.
+    The response kept for a solved problem is the first one.
+    """
+    responses = [short_response] if isinstance(short_response, str) else list(short_response)
+    if not responses:
+        raise ValueError(f"no short-model response for {problem.uid}")
+    wrong = [r for r in responses if not verify(problem, r)]
+    if not wrong:
+        return FusedExample(problem, short_form(responses[0]), thought=False, teacher_rounds=0)
+    attempts = [wrong[0].strip() or "(no answer)"]
     for round_ in range(1, max_rounds + 1):
         continuation = teacher.continue_reasoning(problem, attempts)
         if verify(problem, continuation):
@@ -192,9 +204,13 @@ class FusionStats:
 
 
 def fuse_dataset(
-    problems: Sequence[Problem], short_responses: Sequence[str], teacher: Teacher, max_rounds: int = 3
+    problems: Sequence[Problem],
+    short_responses: Sequence[str | Sequence[str]],
+    teacher: Teacher,
+    max_rounds: int = 3,
 ) -> tuple[list[FusedExample], FusionStats]:
-    """Fuse every problem with its short model response; returns the examples kept and counts."""
+    """Fuse every problem with its short-model response(s) (see ``fuse_example``); returns the
+    examples kept and counts."""
     if len(problems) != len(short_responses):
         raise ValueError(f"{len(problems)} problems but {len(short_responses)} short responses")
     stats, examples = FusionStats(), []

@@ -6,8 +6,9 @@ earlier stage was redone:
 
 1. ``pretrain``: the `tiny` recipe (WSD, annealing, long-context stages) on built-in text.
 2. ``sft-short``: SFT of the pre-trained model on problems with bare answers: the short-CoT model.
-3. ``fusion``: the short model answers every problem; correct answers are kept, wrong ones get the
-   built-in teacher's step-by-step continuation inside ``<think>`` (``turbos.post.cot_fusion``).
+3. ``fusion``: the short model answers every problem (greedy, plus ``fusion_samples`` samples);
+   problems it always gets right keep its short answer, the others get a wrong attempt followed by
+   the built-in teacher's step-by-step continuation inside ``<think>`` (``turbos.post.cot_fusion``).
 4. ``sft-adaptive``: SFT of the pre-trained model on the fused data plus general chats.
 5. ``eval``: held-out problems by difficulty in the three modes (no_think, think, auto):
    accuracy, mean generated tokens, thinking rate; ``report.md``, ``results.json`` and PNGs.
@@ -37,11 +38,18 @@ class DemoSettings:
     short_problems: int = 4000
     short_steps: int = 2000
     fusion_problems: int = 3000
+    fusion_samples: int = 4
+    """Sampled answers (temperature ``fusion_temperature``) the short model gives besides its greedy
+    one; a problem is "solved" (short response) only when all are right. 0: greedy only."""
+    fusion_temperature: float = 0.7
     general_chats: int = 600
-    adaptive_steps: int = 800
+    adaptive_steps: int = 1300
     adaptive_from: str = "base"
     """Model the adaptive SFT starts from: "base" (the pre-trained model, as the report does) or
     "short" (the short-CoT model, keeping its direct-answer skill; an ablation)."""
+    adaptive_loss: str = "sequence"
+    """Loss normalization of the adaptive SFT (``SFTRecipe.loss_normalization``): "sequence" lets a
+    short direct answer count as much as a long fused response; "token" weighs by length."""
     sft_batch: int = 32
     sft_lr: float = 2e-3
     eval_per_level: int = 60
@@ -65,6 +73,7 @@ class DemoSettings:
             short_problems=200,
             short_steps=10,
             fusion_problems=48,
+            fusion_samples=1,
             general_chats=20,
             adaptive_steps=10,
             sft_batch=8,
@@ -77,8 +86,8 @@ class DemoSettings:
 STAGE_SETTINGS = {
     "pretrain": ("pretrain_overrides", "seed"),
     "sft-short": ("families", "levels", "short_problems", "short_steps", "sft_batch", "sft_lr"),
-    "fusion": ("fusion_problems", "general_chats"),
-    "sft-adaptive": ("adaptive_steps", "adaptive_from"),
+    "fusion": ("fusion_problems", "fusion_samples", "fusion_temperature", "general_chats"),
+    "sft-adaptive": ("adaptive_steps", "adaptive_from", "adaptive_loss"),
     "eval": ("eval_per_level", "max_tokens"),
 }
 
@@ -139,7 +148,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         export_model(TurboSForCausalLM.from_pretrained(checkpoint), load_tokenizer(checkpoint), base_model)
         return {"val_loss": summary["val_loss"], "steps": summary["steps"], "model": str(base_model)}
 
-    def sft(name: str, data: list[dict], steps: int, start: Path = base_model) -> dict:
+    def sft(name: str, data: list[dict], steps: int, start: Path = base_model, loss: str = "token") -> dict:
         recipe = SFTRecipe(
             model=str(start),
             data=data,
@@ -151,6 +160,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
             min_lr=settings.sft_lr / 10,
             warmup_steps=max(1, steps // 20),
             seed=settings.seed,
+            loss_normalization=loss,
         )
         return run_sft(recipe, progress=progress)
 
@@ -163,14 +173,16 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         return sft("sft-short", [{"path": str(path)}], settings.short_steps)
 
     def fusion() -> dict:
-        from turbos.post.evaluate import answer_problems
+        from turbos.post.evaluate import repeated_answers
 
         engine = LLMEngine.from_pretrained(out / "sft-short" / "model", max_running=64, seed=settings.seed)
         problems = generate_problems(
             settings.fusion_problems, families=fams, levels=levels, seed=settings.seed + 2
         )
-        attempts = answer_problems(engine, problems, "auto", max_tokens=24)
-        examples, stats = fuse_dataset(problems, [a.text for a in attempts], BuiltinTeacher())
+        responses = repeated_answers(
+            engine, problems, settings.fusion_samples, settings.fusion_temperature, settings.seed
+        )
+        examples, stats = fuse_dataset(problems, responses, BuiltinTeacher())
         write_jsonl(examples, out / "fusion" / "fused.jsonl")
         write_records(
             general_records(settings.general_chats, settings.seed), out / "fusion" / "general.jsonl"
@@ -185,7 +197,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         if settings.adaptive_from not in ("base", "short"):
             raise ValueError(f"adaptive_from must be 'base' or 'short', got {settings.adaptive_from!r}")
         start = base_model if settings.adaptive_from == "base" else out / "sft-short" / "model"
-        return sft("sft-adaptive", data, settings.adaptive_steps, start)
+        return sft("sft-adaptive", data, settings.adaptive_steps, start, settings.adaptive_loss)
 
     def evaluate() -> dict:
         engine = LLMEngine.from_pretrained(out / "sft-adaptive" / "model", max_running=64, seed=settings.seed)

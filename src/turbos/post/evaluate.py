@@ -70,14 +70,20 @@ def builtin_problems(n: int, families: Sequence[str] | None, levels: Sequence[in
 
 
 def answer_problems(
-    engine: LLMEngine, problems: Sequence[Problem], mode: str, max_tokens: int = 256
+    engine: LLMEngine,
+    problems: Sequence[Problem],
+    mode: str,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[Answer]:
-    """Greedy answers to every problem in one thinking mode, batched by the engine."""
+    """Answers to every problem in one thinking mode, batched by the engine: greedy by default,
+    else sampled at ``temperature`` (problem i seeded with ``seed`` + i, so reproducible)."""
     if mode not in THINKING_MODES:
         raise ValueError(f"mode must be one of {THINKING_MODES}, got {mode!r}")
-    base = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    base = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     prompts, params = [], []
-    for problem in problems:
+    for index, problem in enumerate(problems):
         chat = prepare_chat([{"role": "user", "content": problem.question}], mode)
         prompts.append(chat.text)
         params.append(
@@ -86,6 +92,7 @@ def answer_problems(
                 stop_token_ids=chat.stop_token_ids,
                 banned_token_ids=chat.banned_token_ids,
                 banned_first_token_ids=chat.banned_first_token_ids,
+                seed=seed + index if temperature > 0 else None,
             )
         )
     answers = []
@@ -120,6 +127,23 @@ def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
     for a in answers:
         by_level[a.problem.level].append(a)
     return {"overall": stats(answers), "by_level": {str(k): stats(v) for k, v in sorted(by_level.items())}}
+
+
+def repeated_answers(
+    engine: LLMEngine,
+    problems: Sequence[Problem],
+    samples: int = 0,
+    temperature: float = 0.7,
+    seed: int = 0,
+    max_tokens: int = 24,
+) -> list[list[str]]:
+    """Per problem, the model's greedy answer (auto mode) then ``samples`` sampled ones: the input
+    of CoT fusion (``turbos.post.cot_fusion.fuse_dataset``)."""
+    runs = [answer_problems(engine, problems, "auto", max_tokens)]
+    for k in range(samples):
+        start = seed + (k + 1) * len(problems)
+        runs.append(answer_problems(engine, problems, "auto", max_tokens, temperature, start))
+    return [[run[i].text for run in runs] for i in range(len(problems))]
 
 
 def evaluate_modes(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
@@ -63,6 +64,10 @@ class SFTRecipe:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     expert_lr: str = "sqrt"
+    loss_normalization: str = "token"
+    """"token": the batch loss is the mean over all target tokens (long replies weigh more);
+    "sequence": the mean over replies of each reply's mean token loss (every example counts alike,
+    however long)."""
     group_by_length: int = 8
     """Rows are drawn this many batches at a time, sorted by length and cut into batches visited in
     random order (Hugging Face's ``group_by_length``), so a batch pads to similar lengths; 1 draws
@@ -90,6 +95,11 @@ class SFTRecipe:
         for name in ("max_len", "batch_size", "steps", "group_by_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"sft recipe: {name} must be > 0, got {getattr(self, name)}")
+        if self.loss_normalization not in ("token", "sequence"):
+            raise ConfigError(
+                "sft recipe: loss_normalization must be 'token' or 'sequence', "
+                f"got {self.loss_normalization!r}"
+            )
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError("sft recipe: need 0 < min_lr <= lr")
 
@@ -243,6 +253,17 @@ def batch_rows(
 
 
 # ----------------------------------------------------------------------------------------- train
+def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss averaged per row over its target tokens, then over rows that have any."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    counts = (targets != IGNORE_INDEX).sum(1)
+    has = counts > 0
+    return (losses.sum(1)[has] / counts[has]).mean()
+
+
 def cosine_lr(step: int, recipe: SFTRecipe) -> float:
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
@@ -277,10 +298,11 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
     log = MetricsLog(out)
     bar = tqdm(range(recipe.steps), desc="sft", disable=not progress, dynamic_ncols=True)
     start, tokens, loss_value = time.perf_counter(), 0, float("nan")
+    per_sequence = recipe.loss_normalization == "sequence"
     batches = batch_rows(
         probs,
         [len(x) for x in data.ids],
-        [sum(t != IGNORE_INDEX for t in y) for y in data.labels],
+        [1 if per_sequence else sum(t != IGNORE_INDEX for t in y) for y in data.labels],
         recipe.batch_size,
         recipe.group_by_length,
         generator,
@@ -295,7 +317,8 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
         with autocast_context(recipe.precision, device):
             result = model(input_ids, attention_mask=mask, labels=labels)
         optimizer.zero_grad(set_to_none=True)
-        (result.lm_loss * weight + result.aux_loss).backward()
+        lm_loss = sequence_mean_loss(result.logits, labels) if per_sequence else result.lm_loss
+        (lm_loss * weight + result.aux_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).item()
         optimizer.step()
         step_tokens = int(mask.sum())
