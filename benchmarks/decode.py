@@ -38,7 +38,7 @@ from turbos.model.moe import RoutedExperts  # noqa: E402
 from turbos.model.quant import Int8Linear, Int8RoutedExperts, int8_linear, quantize_int8_  # noqa: E402
 from turbos.presets import get_preset  # noqa: E402
 from turbos.serve import LLMEngine, SamplingParams  # noqa: E402
-from turbos.train.plots import pyplot  # noqa: E402
+from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 
 def greedy(n: int) -> SamplingParams:
@@ -328,9 +328,7 @@ def plot(vs_hf: list[dict], rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, nemotron_h_like, time_call, write_json  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
 from turbos.presets import get_preset  # noqa: E402
-from turbos.train.plots import pyplot  # noqa: E402
+from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -111,9 +111,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Prefill throughput, `small` preset, batch 1, CPU")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

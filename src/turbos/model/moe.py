@@ -204,7 +204,9 @@ class MoE(nn.Module):
         valid = None if token_mask is None else token_mask.reshape(-1).bool()
         if valid is not None:
             top_i = top_i.masked_fill(~valid[:, None], -1)
-        n_valid = x.shape[0] if valid is None else int(valid.sum())
+        n_valid = 0  # counting padded tokens syncs with the device; only capacity and losses need it
+        if self.training or router_losses:
+            n_valid = x.shape[0] if valid is None else int(valid.sum())
 
         chosen = top_i
         recycled = dropped = 0

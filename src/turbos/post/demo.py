@@ -25,7 +25,7 @@ from typing import Any
 from turbos.data.tasks import generate_problems
 from turbos.post.chat_data import general_records, short_cot_records, write_records
 from turbos.post.cot_fusion import BuiltinTeacher, fuse_dataset, write_jsonl
-from turbos.train.plots import pyplot
+from turbos.train.plots import pyplot, save_figure
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 
@@ -322,9 +322,7 @@ def plot_accuracy_vs_tokens(results: dict[str, Any], path: Path) -> None:
     ax.set_title("Accuracy vs tokens by thinking mode")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_think_rate(results: dict[str, Any], path: Path) -> None:
@@ -346,6 +344,4 @@ def plot_think_rate(results: dict[str, Any], path: Path) -> None:
     right.set_title("auto mode: thinking rate by level")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -19,6 +19,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Lay out, write as PNG and close (so long runs do not accumulate open figures)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def _stage_boundaries(ax: Any, train: list[dict[str, Any]]) -> None:
     """Dotted vertical lines where the stage changes, labelled with the new stage."""
     for before, after in zip(train, train[1:], strict=False):
@@ -56,9 +63,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -74,9 +79,7 @@ def plot_learning_rates(records: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if groups:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -103,9 +106,7 @@ def plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path:
         fig.colorbar(image, ax=ax, pad=0.01, label="share")
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("Routed expert load per MoE layer (balanced = 1 / num_experts)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
