@@ -55,6 +55,7 @@ def test_quantized_model_stays_close_to_the_float_model() -> None:
 def test_engine_serves_int8_weights(tmp_path) -> None:
     directory = save_model_dir(tmp_path / "model")
     engine = LLMEngine.from_pretrained(directory, quantization="int8", max_running=2)
+    assert engine.model.model.embed_tokens.weight.dtype == torch.bfloat16, "int8 defaults to bf16 activations"
     prompt = engine.encode("What is 3 + 4?")
     [result] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert result.token_ids == greedy_alone(engine.model, prompt, 6), "engine == plain decoding, int8"
@@ -70,3 +71,5 @@ def test_engine_serves_int8_weights(tmp_path) -> None:
         == 0
     )
     assert json.loads(out.read_text())["completion_tokens"] <= 3
+    evaluated = ["eval", "--model", str(directory), "--families", "add", "--levels", "1", "--per-level", "2"]
+    assert main([*evaluated, "--quantization", "int8", "--max-tokens", "4", "--modes", "no_think"]) == 0

@@ -58,7 +58,6 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     from turbos.data.tasks import generate_problems
     from turbos.post.cot_fusion import BuiltinTeacher, EndpointTeacher, fuse_dataset, write_jsonl
     from turbos.post.evaluate import read_problems, repeated_answers
-    from turbos.serve import LLMEngine
 
     if args.problems:
         problems = read_problems(args.problems)
@@ -70,7 +69,7 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
         teacher = BuiltinTeacher()
     else:
         teacher = EndpointTeacher(args.teacher_url, args.teacher_model, api_key=args.teacher_api_key)
-    engine = LLMEngine.from_pretrained(args.model, max_running=args.max_running)
+    engine = _load_engine(args)
     responses = repeated_answers(engine, problems, args.samples, args.temperature, args.seed, args.max_tokens)
     examples, stats = fuse_dataset(problems, responses, teacher, args.max_rounds)
     write_jsonl(examples, args.output)
@@ -81,14 +80,13 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
-    from turbos.serve import LLMEngine
 
     if args.problems:
         problems = read_problems(args.problems)
     else:
         n = args.per_level * len(args.families or [0] * 4) * len(args.levels or [0] * 5)
         problems = builtin_problems(n, args.families, args.levels, args.seed)
-    engine = LLMEngine.from_pretrained(args.model, max_running=args.max_running)
+    engine = _load_engine(args)
     results, _ = evaluate_modes(engine, problems, args.modes, args.max_tokens)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
@@ -165,19 +163,44 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
+    """How a command loads its model into an engine (serve, generate, chat, eval, fuse-cot)."""
     p.add_argument(
         "--model", required=True, help="directory with config.json, model.safetensors, tokenizer.json"
     )
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-running", type=int, default=16, help="sequences decoded together at most")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
-    p.add_argument("--seed", type=int, help="seed of the sampler for requests without their own")
+    p.add_argument("--max-running", type=int, default=max_running, help="sequences decoded together at most")
     p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 on CUDA or with --quantization, else fp32",
     )
     p.add_argument("--quantization", choices=["int8"], help="int8: weight-only int8 (activations in --dtype)")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    _add_model_flags(p, max_running=16)
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
+    p.add_argument("--seed", type=int, help="seed of the sampler for requests without their own")
+
+
+def _load_engine(args: argparse.Namespace, **kwargs):
+    """The engine of ``_add_model_flags``; kwargs go to ``LLMEngine``."""
+    import torch
+
+    from turbos.serve import LLMEngine
+
+    return LLMEngine.from_pretrained(
+        args.model,
+        args.tokenizer,
+        device=args.device,
+        max_running=args.max_running,
+        dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+        quantization=args.quantization,
+        **kwargs,
+    )
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -191,21 +214,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
-    import torch
+    from turbos.serve import SamplingParams
 
-    from turbos.serve import LLMEngine, SamplingParams
-
-    engine = LLMEngine.from_pretrained(
-        args.model,
-        args.tokenizer,
-        device=args.device,
-        max_running=args.max_running,
-        max_waiting=max_waiting,
-        prefill_chunk=args.prefill_chunk,
-        seed=args.seed,
-        dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
-        quantization=args.quantization,
-    )
+    engine = _load_engine(args, max_waiting=max_waiting, prefill_chunk=args.prefill_chunk, seed=args.seed)
     if not hasattr(args, "temperature"):
         return engine, None
     params = SamplingParams(
@@ -310,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser("fuse-cot", help="adaptive long-short CoT fusion data from a short-CoT model")
-    p.add_argument("--model", required=True, help="the short-CoT model directory")
+    _add_model_flags(p, max_running=64)
     p.add_argument("--output", required=True, help="fused chat JSONL to write")
     p.add_argument("--problems", help="JSONL of {question, answer}; default: built-in problems")
     p.add_argument("--n", type=int, default=2000, help="built-in problems to draw")
@@ -326,19 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
-    p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_fuse_cot)
 
     p = sub.add_parser("eval", help="accuracy, tokens and thinking rate by level in each thinking mode")
-    p.add_argument("--model", required=True)
+    _add_model_flags(p, max_running=64)
     p.add_argument("--problems", help="JSONL of {question, answer[, level]}; default: built-in test split")
     p.add_argument("--families", nargs="+")
     p.add_argument("--levels", nargs="+", type=int)
     p.add_argument("--per-level", type=int, default=20, help="built-in problems per family and level")
     p.add_argument("--modes", nargs="+", default=["no_think", "think", "auto"])
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)

@@ -99,15 +99,16 @@ class LLMEngine:
     ) -> LLMEngine:
         """Load ``config.json``, ``model.safetensors`` and the tokenizer (default: same directory).
 
-        dtype None: bf16 on CUDA, fp32 on CPU. quantization "int8": int8 weights, activations in
-        ``dtype`` (``turbos.model.quant``).
+        dtype None: bf16 on CUDA or with a quantization (the CPU int8 kernel is fast with bf16
+        activations only), else fp32. quantization "int8": int8 weights, activations in ``dtype``
+        (``turbos.model.quant``).
         """
         from turbos.data.tokenizer import load_tokenizer
         from turbos.train.evaluate import resolve_device
 
         resolved = resolve_device(device)
         if dtype is None:
-            dtype = torch.bfloat16 if resolved.type == "cuda" else torch.float32
+            dtype = torch.bfloat16 if resolved.type == "cuda" or quantization else torch.float32
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; choose from {QUANTIZATIONS}")
         model = TurboSForCausalLM.from_pretrained(model_dir, device=resolved, dtype=dtype)
