@@ -1,4 +1,4 @@
-"""Recycle routing and the MoE layer's training-time capacity (Hunyuan-Large)."""
+"""Recycle routing, the MoE layer's training-time capacity (Hunyuan-Large), and the experts' paths."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import small_config
-from turbos.model.moe import MoE, recycle_overflow_tokens
+from turbos.model.moe import MoE, RoutedExperts, recycle_overflow_tokens
 
 
 def check_invariants(
@@ -106,3 +106,19 @@ def test_router_z_loss_is_added_when_enabled() -> None:
     with_z = MoE(small_config(router_aux_loss_coef=0.0, router_z_loss_coef=1e-3)).eval()
     with_z.load_state_dict(base.state_dict())
     assert base(x)[1].item() == 0 and with_z(x)[1].item() > 0
+
+
+@pytest.mark.parametrize("idx", [[2, 0], [3, -1]])
+def test_single_token_decode_path_matches_grouped_experts(idx: list[int]) -> None:
+    torch.manual_seed(0)
+    experts = RoutedExperts(num_experts=4, hidden_size=16, intermediate_size=24)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x, expert_idx, weights = torch.randn(1, 16), torch.tensor([idx]), torch.tensor([[0.7, 0.3]])
+    grouped = experts(x, expert_idx, weights)  # grad enabled: the general (grouped) path
+    with torch.no_grad():
+        single = experts(x, expert_idx, weights)  # the batch-1 decode loop over k experts
+        batched = experts(x.repeat(3, 1), expert_idx.repeat(3, 1), weights.repeat(3, 1))
+    torch.testing.assert_close(single, grouped.detach())
+    torch.testing.assert_close(batched, grouped.detach().repeat(3, 1))
+    assert single.abs().sum() > 0

@@ -64,6 +64,13 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); expert_idx (N, k) with -1 for 'no expert'; weights (N, k) -> (N, H)."""
         N, k = expert_idx.shape
+        if N == 1 and not torch.is_grad_enabled():  # batch-1 decode: k experts, no grouping
+            out = torch.zeros_like(x)
+            for e, w in zip(expert_idx[0].tolist(), weights[0].to(x.dtype), strict=True):
+                if e >= 0:
+                    gate, up = self.project(x, "gate_up_proj", e).chunk(2, dim=-1)
+                    out += w * self.project(F.silu(gate) * up, "down_proj", e)
+            return out
         flat = expert_idx.reshape(-1)
         assignment = torch.nonzero(flat >= 0).squeeze(-1)
         order = assignment[torch.argsort(flat[assignment], stable=True)]  # grouped by expert

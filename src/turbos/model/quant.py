@@ -24,10 +24,11 @@ QUANTIZATIONS = (None, "int8")
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., N, K) float -> (int8 of the same shape, fp32 scales (..., N))."""
+    """(..., N, K) float -> (int8 of the same shape, scales (..., N) in the weight's dtype, the
+    activations' dtype at inference, so no cast per call)."""
     w = weight.detach().float()
     scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+    return torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
 
 
 def int8_linear(
