@@ -12,7 +12,7 @@ from turbos.cli import main
 from turbos.data.tasks import generate_problems
 from turbos.post.cot_fusion import EndpointTeacher, fuse_example, house_style
 from turbos.post.demo import DemoSettings, check_targets, run_demo
-from turbos.post.evaluate import Answer, read_problems, summarize
+from turbos.post.evaluate import Answer, format_table, read_problems, summarize
 from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.chat_template import prepare_chat
 
@@ -65,6 +65,15 @@ def test_summary_and_targets_follow_the_definitions() -> None:
         "mean_tokens": 80.0,
         "think_rate": 1.0,
     }
+    assert results["think"]["by_family_level"] == {
+        "add 1": results["think"]["by_level"]["1"],
+        "add 4": results["think"]["by_level"]["4"],
+    }
+    table = format_table(results, by="family_level").splitlines()
+    assert [row.split("|")[0].strip() for row in table[3:]] == ["add 1", "add 4", "overall"]
+    assert "80.0" in table[4].split("|")[2], "think's tokens at add 4"
+    with pytest.raises(ValueError, match="family_level"):
+        format_table(results, by="family")
     targets = check_targets(results)
     assert all(t["met"] for t in targets.values()), targets
     results["auto"]["by_level"]["1"]["think_rate"] = 0.5
@@ -85,6 +94,7 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     outcome = run_demo(out, DemoSettings.quick(), progress=False)
     for name in ("report.md", "results.json", "accuracy_vs_tokens.png", "think_rate.png"):
         assert (out / name).is_file(), name
+    assert "By family and level" in (out / "report.md").read_text()
     results = outcome["eval"]["results"]
     assert set(results) == {"no_think", "think", "auto"}
     assert results["think"]["overall"]["think_rate"] == 1.0, "think mode always thinks"

@@ -72,4 +72,9 @@ def test_engine_serves_int8_weights(tmp_path) -> None:
     )
     assert json.loads(out.read_text())["completion_tokens"] <= 3
     evaluated = ["eval", "--model", str(directory), "--families", "add", "--levels", "1", "--per-level", "2"]
-    assert main([*evaluated, "--quantization", "int8", "--max-tokens", "4", "--modes", "no_think"]) == 0
+    assert (
+        main(
+            [*evaluated, "--quantization", "int8", "--max-tokens", "4", "--modes", "no_think", "--by-family"]
+        )
+        == 0
+    )

@@ -88,7 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         problems = builtin_problems(n, args.families, args.levels, args.seed)
     engine = _load_engine(args)
     results, _ = evaluate_modes(engine, problems, args.modes, args.max_tokens)
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    by = "family_level" if args.by_family else "level"
+    print(json.dumps(results, indent=2) if args.json else format_table(results, by=by))
     return 0
 
 
@@ -349,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["no_think", "think", "auto"])
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--by-family", action="store_true", help="one row per family and level")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 

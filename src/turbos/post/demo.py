@@ -269,6 +269,15 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def family_table(results: dict[str, Any]) -> list[str]:
+    """report.md lines with the table by family and level (none for results saved before it)."""
+    from turbos.post.evaluate import format_table
+
+    if any("by_family_level" not in r for r in results.values()):
+        return []
+    return ["By family and level:", "", "```", format_table(results, by="family_level"), "```", ""]
+
+
 def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> None:
     """report.md with the stages, the table and the targets, plus two PNGs."""
     evaluation = outcome["eval"]
@@ -298,6 +307,7 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
         evaluation["table"],
         "```",
         "",
+        *family_table(results),
         "| target | met | measured |",
         "|---|---|---|",
         *[

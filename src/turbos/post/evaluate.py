@@ -112,7 +112,8 @@ def answer_problems(
 
 
 def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
-    """Accuracy, mean generated tokens and thinking rate: overall and per level."""
+    """Accuracy, mean generated tokens and thinking rate: overall, per level, and per family and
+    level (keys like ``"add 2"``)."""
 
     def stats(group: Sequence[Answer]) -> dict[str, float]:
         n = max(len(group), 1)
@@ -124,9 +125,15 @@ def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
         }
 
     by_level: dict[int, list[Answer]] = defaultdict(list)
+    by_family_level: dict[tuple[str, int], list[Answer]] = defaultdict(list)
     for a in answers:
         by_level[a.problem.level].append(a)
-    return {"overall": stats(answers), "by_level": {str(k): stats(v) for k, v in sorted(by_level.items())}}
+        by_family_level[a.problem.family, a.problem.level].append(a)
+    return {
+        "overall": stats(answers),
+        "by_level": {str(k): stats(v) for k, v in sorted(by_level.items())},
+        "by_family_level": {f"{f} {k}": stats(v) for (f, k), v in sorted(by_family_level.items())},
+    }
 
 
 def repeated_answers(
@@ -161,17 +168,22 @@ def evaluate_modes(
     return results, everything
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: one row per level, columns accuracy / tokens / think rate per mode."""
+def format_table(results: dict[str, Any], by: str = "level") -> str:
+    """A plain-text table: one row per level (``by="level"``) or per family and level
+    (``by="family_level"``), columns accuracy / tokens / think rate per mode."""
+    if by not in ("level", "family_level"):
+        raise ValueError(f"by must be 'level' or 'family_level', got {by!r}")
     modes = list(results)
-    levels = list(next(iter(results.values()))["by_level"])
-    head = "level " + "".join(f"| {m:^26} " for m in modes)
-    sub = "      " + "".join("|   acc  tokens  thinks    " for _ in modes)
+    groups = list(next(iter(results.values()))[f"by_{by}"])
+    label = by.replace("_", " ")
+    width = max(len(g) for g in [*groups, "overall", label]) + 1
+    head = label.ljust(width) + "".join(f"| {m:^26} " for m in modes)
+    sub = " " * width + "".join("|   acc  tokens  thinks    " for _ in modes)
     lines = [head, sub, "-" * len(head)]
-    for level in [*levels, "overall"]:
-        row = f"{level:<6}"
+    for group in [*groups, "overall"]:
+        row = group.ljust(width)
         for m in modes:
-            s = results[m]["overall"] if level == "overall" else results[m]["by_level"][level]
+            s = results[m]["overall"] if group == "overall" else results[m][f"by_{by}"][group]
             row += f"| {s['accuracy'] * 100:5.1f}% {s['mean_tokens']:7.1f} {s['think_rate'] * 100:6.1f}%    "
         lines.append(row)
     return "\n".join(lines)
