@@ -65,6 +65,8 @@ def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
         SFTRecipe.from_dict({"model": "m", "data": [{"path": "x"}], "output_dir": "o", "lerning_rate": 1})
     with pytest.raises(ConfigError, match="weight"):
         SFTRecipe.from_dict({"model": "m", "data": [{"path": "x", "weight": 0}], "output_dir": "o"})
+    with pytest.raises(ConfigError, match="precision"):
+        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x"}], "output_dir": "o", "precision": "fp16"})
 
 
 def test_datasets_mix_by_weight_not_by_size() -> None:

@@ -100,6 +100,10 @@ class SFTRecipe:
                 "sft recipe: loss_normalization must be 'token' or 'sequence', "
                 f"got {self.loss_normalization!r}"
             )
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(
+                f"sft recipe: precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}"
+            )
         if not 0 < self.min_lr <= self.lr:
             raise ConfigError("sft recipe: need 0 < min_lr <= lr")
 
