@@ -107,3 +107,10 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 5, printed
     assert json.loads((out / "results.json").read_text())["eval"]["targets"]
+
+
+def test_demo_settings_are_checked_before_any_stage_runs() -> None:
+    with pytest.raises(ValueError, match="adaptive_from"):
+        DemoSettings(adaptive_from="teacher")
+    with pytest.raises(ValueError, match="adaptive_loss"):
+        DemoSettings(adaptive_loss="mean")

@@ -61,6 +61,11 @@ class RoutedExperts(nn.Module):
         override this)."""
         return F.linear(x, getattr(self, name)[expert])
 
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU on rows x."""
+        gate, up = self.project(x, "gate_up_proj", e).chunk(2, dim=-1)
+        return self.project(F.silu(gate) * up, "down_proj", e)
+
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); expert_idx (N, k) with -1 for 'no expert'; weights (N, k) -> (N, H)."""
         N, k = expert_idx.shape
@@ -68,8 +73,7 @@ class RoutedExperts(nn.Module):
             out = torch.zeros_like(x)
             for e, w in zip(expert_idx[0].tolist(), weights[0].to(x.dtype), strict=True):
                 if e >= 0:
-                    gate, up = self.project(x, "gate_up_proj", e).chunk(2, dim=-1)
-                    out += w * self.project(F.silu(gate) * up, "down_proj", e)
+                    out += w * self.expert(x, e)
             return out
         flat = expert_idx.reshape(-1)
         assignment = torch.nonzero(flat >= 0).squeeze(-1)
@@ -82,8 +86,7 @@ class RoutedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = self.project(xs[start : start + n], "gate_up_proj", e).chunk(2, dim=-1)
-            out[start : start + n] = self.project(F.silu(gate) * up, "down_proj", e)
+            out[start : start + n] = self.expert(xs[start : start + n], e)
             start += n
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, out)

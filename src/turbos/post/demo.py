@@ -56,6 +56,13 @@ class DemoSettings:
     max_tokens: int = 200
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked before any stage runs, not when the adaptive SFT is reached minutes later.
+        if self.adaptive_from not in ("base", "short"):
+            raise ValueError(f"adaptive_from must be 'base' or 'short', got {self.adaptive_from!r}")
+        if self.adaptive_loss not in ("token", "sequence"):
+            raise ValueError(f"adaptive_loss must be 'token' or 'sequence', got {self.adaptive_loss!r}")
+
     @classmethod
     def quick(cls) -> DemoSettings:
         """Minutes-long settings that check the pipeline runs end to end (not its quality)."""
@@ -194,8 +201,6 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
             {"path": str(out / "fusion" / "fused.jsonl"), "weight": 4.0},
             {"path": str(out / "fusion" / "general.jsonl"), "weight": 1.0},
         ]
-        if settings.adaptive_from not in ("base", "short"):
-            raise ValueError(f"adaptive_from must be 'base' or 'short', got {settings.adaptive_from!r}")
         start = base_model if settings.adaptive_from == "base" else out / "sft-short" / "model"
         return sft("sft-adaptive", data, settings.adaptive_steps, start, settings.adaptive_loss)
 

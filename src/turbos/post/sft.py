@@ -67,7 +67,7 @@ class SFTRecipe:
     loss_normalization: str = "token"
     """"token": the batch loss is the mean over all target tokens (long replies weigh more);
     "sequence": the mean over replies of each reply's mean token loss (every example counts alike,
-    however long)."""
+    however long). The logged ``lm_loss`` is the one optimized."""
     group_by_length: int = 8
     """Rows are drawn this many batches at a time, sorted by length and cut into batches visited in
     random order (Hugging Face's ``group_by_length``), so a batch pads to similar lengths; 1 draws
@@ -319,7 +319,11 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
         lrs = set_lr(optimizer, cosine_lr(step, recipe))
         t0 = time.perf_counter()
         with autocast_context(recipe.precision, device):
-            result = model(input_ids, attention_mask=mask, labels=labels)
+            # Sequence loss is computed here from the logits, so the model need not compute the
+            # token loss as well.
+            result = model(
+                input_ids, attention_mask=mask, labels=None if per_sequence else labels, router_losses=True
+            )
         optimizer.zero_grad(set_to_none=True)
         lm_loss = sequence_mean_loss(result.logits, labels) if per_sequence else result.lm_loss
         (lm_loss * weight + result.aux_loss).backward()
@@ -327,15 +331,15 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
         optimizer.step()
         step_tokens = int(mask.sum())
         tokens += step_tokens
-        loss_value = result.lm_loss.item()
+        loss_value, aux_value = lm_loss.item(), result.aux_loss.item()
         tok_s = step_tokens / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}")
         log.write(
             {
                 "step": step + 1,
-                "loss": result.loss.item(),
+                "loss": loss_value + aux_value,
                 "lm_loss": loss_value,
-                "aux_loss": result.aux_loss.item(),
+                "aux_loss": aux_value,
                 "lr": lrs,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tok_s,
