@@ -105,7 +105,7 @@ def weight_floor_s(model: TurboSForCausalLM, repeats: int = 20) -> float:
     weights = token_weights(model)
     dtype = model.model.embed_tokens.weight.dtype
     inputs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
-    ones = {w.shape[0]: torch.ones(w.shape[0]) for w in weights}
+    ones = {w.shape[0]: torch.ones(w.shape[0], dtype=dtype) for w in weights}  # int8 scales
 
     def run() -> None:
         for x, w in zip(inputs, weights, strict=True):
