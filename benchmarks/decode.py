@@ -9,14 +9,16 @@
    1, at 2K / 8K / 32K tokens of context: prefill time (one forward, `prefill_chunk` = context),
    decode tokens/s (steps after the prefill) and the decoding state held (KV + Mamba state).
 
-    python benchmarks/decode.py [--threads 1] [--contexts 2048 8192 32768]
+    python benchmarks/decode.py [--threads 1] [--contexts 2048 8192 32768] [--device cuda]
 
 The comparison with HF runs in fp32 and bf16 (both sides in the same dtype; our Mamba state stays
 fp32), and with our weights in int8 (bf16 activations) against HF in bf16. It also measures the
 time to stream one token's weights from memory once, the floor of any batch-1 decode step on this
 machine; ``speedup_ceiling`` = HF's step time / that floor.
 
-Writes benchmarks/results/decode.json and decode.png. The hybrid-vs-attention part is fp32.
+Writes benchmarks/results/decode.json and decode.png (decode_cuda.* with ``--device cuda``, where
+the int8 row is left out by default: int8 has no CUDA kernel here, only the dequantizing reference
+path). The hybrid-vs-attention part is fp32.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from turbos.serve import LLMEngine, SamplingParams  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so host clocks time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
@@ -49,9 +57,11 @@ def engine_decode_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int
     """Seconds for new_tokens - 1 decode steps of the whole batch (prefill subtracted)."""
 
     def run(n: int) -> float:
+        sync(engine.device)
         start = time.perf_counter()
         results = engine.generate(prompts, greedy(n))
         assert all(len(r.token_ids) == n for r in results)
+        sync(engine.device)
         return time.perf_counter() - start
 
     return run(new_tokens) - run(1)
@@ -59,9 +69,10 @@ def engine_decode_s(engine: LLMEngine, prompts: list[list[int]], new_tokens: int
 
 @torch.no_grad()
 def hf_decode_s(model, prompts: list[list[int]], new_tokens: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
 
     def run(n: int) -> float:
+        sync(model.device)
         start = time.perf_counter()
         out = model.generate(
             ids,
@@ -72,6 +83,7 @@ def hf_decode_s(model, prompts: list[list[int]], new_tokens: int) -> float:
             pad_token_id=0,
         )
         assert out.shape[1] == ids.shape[1] + n
+        sync(model.device)
         return time.perf_counter() - start
 
     return run(new_tokens) - run(1)
@@ -101,11 +113,12 @@ def token_weights(model: TurboSForCausalLM) -> list[torch.Tensor]:
 
 def weight_floor_s(model: TurboSForCausalLM, repeats: int = 20) -> float:
     """Seconds to stream one token's weights through F.linear: a memory-bandwidth floor for a
-    batch-1 decode step in the model's dtype, whatever the implementation."""
+    batch-1 decode step in the model's dtype, whatever the implementation (on CUDA the products
+    replay as one graph, so the floor holds their kernels' time, not Python's launches)."""
     weights = token_weights(model)
-    dtype = model.model.embed_tokens.weight.dtype
-    inputs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
-    ones = {w.shape[0]: torch.ones(w.shape[0], dtype=dtype) for w in weights}  # int8 scales
+    dtype, device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
+    inputs = [torch.randn(1, w.shape[1], dtype=dtype, device=device) for w in weights]
+    ones = {w.shape[0]: torch.ones(w.shape[0], dtype=dtype, device=device) for w in weights}  # int8 scales
 
     def run() -> None:
         for x, w in zip(inputs, weights, strict=True):
@@ -115,10 +128,18 @@ def weight_floor_s(model: TurboSForCausalLM, repeats: int = 20) -> float:
                 torch.nn.functional.linear(x, w)
 
     run()
+    step = run
+    if device.type == "cuda":  # one graph: the kernels' own time, not their launches from Python
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        step = graph.replay
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
-        run()
+        step()
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -129,10 +150,10 @@ def versus_hf(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> list
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         torch.manual_seed(0)
-        ours = TurboSForCausalLM(config).eval().to(dtype)
+        ours = TurboSForCausalLM(config).eval().to(args.device, dtype)
         if dtype_name == "int8":
             quantize_int8_(ours)
-        theirs = nemotron_h_like(config).to(dtype)
+        theirs = nemotron_h_like(config).to(args.device, dtype)
         floor = weight_floor_s(ours)
         print(f"{dtype_name}: streaming one token's weights takes {floor * 1e3:.2f} ms", flush=True)
         rows += versus_hf_rows(ours, theirs, tokenizer, args, dtype_name, floor)
@@ -144,13 +165,21 @@ def versus_hf_rows(ours, theirs, tokenizer, args, dtype_name: str, floor: float)
     rows = []
     for batch in args.batches:
         engine = LLMEngine(ours, tokenizer, max_running=batch, prefill_chunk=args.prompt_len)
+        # On CUDA the engine replays decode steps as CUDA graphs; the eager engine is timed too.
+        eager = None
+        if engine.runner.graphs is not None:
+            eager = LLMEngine(
+                ours, tokenizer, max_running=batch, prefill_chunk=args.prompt_len, cuda_graphs=False
+            )
         prompts = torch.randint(9, config.vocab_size, (batch, args.prompt_len)).tolist()
-        engine_decode_s(engine, prompts, 3)  # warm-up
+        engine_decode_s(engine, prompts, 3)  # warm-up (and graph capture)
         hf_decode_s(theirs, prompts, 3)
-        t_ours, t_hf = [], []
+        t_ours, t_hf, t_eager = [], [], []
         for _ in range(args.repeats):  # alternate so background load hits both alike
             t_ours.append(engine_decode_s(engine, prompts, args.new_tokens))
             t_hf.append(hf_decode_s(theirs, prompts, args.new_tokens))
+            if eager is not None:
+                t_eager.append(engine_decode_s(eager, prompts, args.new_tokens))
         tokens = batch * (args.new_tokens - 1)
         row = {
             "dtype": dtype_name,
@@ -161,6 +190,9 @@ def versus_hf_rows(ours, theirs, tokenizer, args, dtype_name: str, floor: float)
             "hf_nemotron_h_tok_s": tokens / min(t_hf),
         }
         row["speedup"] = row["turbos_tok_s"] / row["hf_nemotron_h_tok_s"]
+        if t_eager:
+            row["turbos_eager_tok_s"] = tokens / min(t_eager)
+            row["speedup_eager"] = row["turbos_eager_tok_s"] / row["hf_nemotron_h_tok_s"]
         if batch == 1:
             # No batch-1 step can beat the time to read its weights once.
             row["weight_floor_ms"] = floor * 1e3
@@ -171,7 +203,8 @@ def versus_hf_rows(ours, theirs, tokenizer, args, dtype_name: str, floor: float)
         print(
             f"{dtype_name} batch {batch:>2}: turbos engine {row['turbos_tok_s']:8.1f} tok/s   "
             f"HF NemotronH generate {row['hf_nemotron_h_tok_s']:8.1f} tok/s   ratio {row['speedup']:.2f}x"
-            + (f" (weight-read ceiling {row['speedup_ceiling']:.2f}x)" if batch == 1 else ""),
+            + (f" (weight-read ceiling {row['speedup_ceiling']:.2f}x)" if batch == 1 else "")
+            + (f"; eager engine {row['speedup_eager']:.2f}x" if t_eager else ""),
             flush=True,
         )
     return rows
@@ -201,7 +234,7 @@ def long_context(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> t
     for name, layout in layouts.items():
         torch.manual_seed(0)
         cfg = config.replace(layout=layout, max_position_embeddings=longest)
-        models[name] = TurboSForCausalLM(cfg).eval()
+        models[name] = TurboSForCausalLM(cfg).eval().to(args.device)
         params[name] = {"layout": layout, "parameters": models[name].num_parameters()}
         print(f"{name:>9}: layout {layout!r}, {params[name]['parameters'] / 1e6:.1f}M parameters", flush=True)
     rows = []
@@ -210,8 +243,10 @@ def long_context(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> t
         for name, model in models.items():
             engine = LLMEngine(model, tokenizer, max_running=1, prefill_chunk=context)
             request_id = engine.add_request(prompt, greedy(args.long_new_tokens))
+            sync(engine.device)
             start = time.perf_counter()
             engine.step()  # the prefill, then the first decode step of the running batch
+            sync(engine.device)
             first_step = time.perf_counter() - start
             cache_bytes = engine.cache.nbytes()
             start = time.perf_counter()
@@ -219,6 +254,7 @@ def long_context(config: TurboSConfig, tokenizer, args: argparse.Namespace) -> t
             while engine.has_unfinished():
                 engine.step()
                 steps += 1
+            sync(engine.device)
             decode = time.perf_counter() - start
             prefill = first_step - decode / steps
             row = {
@@ -244,7 +280,10 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"))
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(DTYPES), help="default: all on CPU, fp32 and bf16 on CUDA"
+    )
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=65)
     parser.add_argument("--repeats", type=int, default=3)
@@ -253,6 +292,8 @@ def main() -> None:
         "--long-new-tokens", type=int, default=9, help="tokens generated at each long context"
     )
     args = parser.parse_args()
+    if args.dtypes is None:
+        args.dtypes = ["fp32", "bf16"] if args.device.type == "cuda" else list(DTYPES)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -275,6 +316,7 @@ def main() -> None:
     payload = {
         "benchmark": "decode",
         "preset": args.preset,
+        "device": str(args.device),
         "dtype": "versus_hf: each row's dtype, both sides (Mamba state fp32); hybrid_vs_attention: fp32",
         "machine": machine(),
         "versus_hf": {
@@ -290,11 +332,12 @@ def main() -> None:
         },
         "wall_s": time.perf_counter() - started,
     }
-    path = write_json("decode.json", payload)
-    plot(vs_hf, long_rows, RESULTS / "decode.png")
+    stem = "decode" if args.device.type == "cpu" else f"decode_{args.device.type}"
+    path = write_json(f"{stem}.json", payload)
+    plot(vs_hf, long_rows, RESULTS / f"{stem}.png")
     print(
         f"at {top} tokens: hybrid decode {ratios['decode_speedup_at_longest']:.2f}x, cache "
-        f"{ratios['cache_fraction_at_longest']:.3f} of pure attention; wrote {path} and decode.png "
+        f"{ratios['cache_fraction_at_longest']:.3f} of pure attention; wrote {path} and {stem}.png "
         f"({payload['wall_s']:.0f} s)"
     )
 

@@ -7,6 +7,7 @@ import torch
 
 from conftest import small_config
 from turbos.model.moe import MoE, RoutedExperts, recycle_overflow_tokens
+from turbos.model.quant import Int8RoutedExperts
 
 
 def check_invariants(
@@ -122,3 +123,23 @@ def test_single_token_decode_path_matches_grouped_experts(idx: list[int]) -> Non
     torch.testing.assert_close(single, grouped.detach())
     torch.testing.assert_close(batched, grouped.detach().repeat(3, 1))
     assert single.abs().sum() > 0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_gathered_experts_match_grouped_experts(quantized: bool) -> None:
+    """The sync-free GPU decode paths (one bmm per projection on gathered weights; every expert on
+    every token) equal the grouped path, routing weights and 'no expert' (-1) choices included."""
+    experts = RoutedExperts(num_experts=4, hidden_size=16, intermediate_size=24)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    if quantized:
+        experts = Int8RoutedExperts(experts)
+    x = torch.randn(5, 16)
+    expert_idx = torch.tensor([[2, 0], [3, -1], [1, 2], [0, 0], [3, 1]])
+    weights = torch.rand(5, 2)
+    with torch.no_grad():
+        grouped = experts(x, expert_idx, weights)
+        for path in (experts.gathered, experts.dense):
+            torch.testing.assert_close(path(x, expert_idx, weights), grouped)
+            moved = path(x, expert_idx.roll(1, dims=1), weights)
+            assert not torch.allclose(moved, grouped), "each choice keeps its own routing weight"

@@ -179,6 +179,9 @@ def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
         help="auto: bf16 on CUDA or with --quantization, else fp32",
     )
     p.add_argument("--quantization", choices=["int8"], help="int8: weight-only int8 (activations in --dtype)")
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="on CUDA, run decode steps eagerly, not as CUDA graphs"
+    )
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -200,6 +203,7 @@ def _load_engine(args: argparse.Namespace, **kwargs):
         max_running=args.max_running,
         dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
         quantization=args.quantization,
+        cuda_graphs=False if args.enforce_eager else None,
         **kwargs,
     )
 

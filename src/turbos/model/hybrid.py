@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,7 @@ class TurboSLayer(nn.Module):
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, num_new: int, num_past: int
+    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device | None = None
 ) -> torch.Tensor | None:
     """Boolean (b, 1, T, past + T) mask for SDPA, or None when plain causal attention is exact.
 
@@ -68,7 +69,8 @@ def build_attention_mask(
     if attention_mask is None and (num_past == 0 or num_new == 1):
         return None
     total = num_past + num_new
-    device = attention_mask.device if attention_mask is not None else None
+    if attention_mask is not None:
+        device = attention_mask.device
     q_pos = torch.arange(num_past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, total)
@@ -116,14 +118,31 @@ class TurboSModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         token_mask = None if attention_mask is None else attention_mask[:, past:]
 
+        attn_mask = build_attention_mask(attention_mask, T, past, input_ids.device)
+        caches = past_key_values.layers if past_key_values is not None else [None] * len(self.layers)
+        out = self.run_layers(input_ids, position_ids, attn_mask, caches, token_mask, router_losses)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += T
+        return out
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        caches: Sequence[object | None],
+        token_mask: torch.Tensor | None = None,
+        router_losses: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
+        """The stack on prepared inputs: ``attn_mask`` as ``build_attention_mask`` makes it and one
+        cache (or None) per layer. No host synchronisation, so a CUDA graph can capture a decode
+        step (``turbos.serve.cuda_graph``)."""
         h = self.embed_tokens(input_ids)
         rotary = self.rotary_emb(position_ids, h.dtype)
-        attn_mask = build_attention_mask(attention_mask, T, past)
         aux = h.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
-        for i, layer in enumerate(self.layers):
+        for layer, cache in zip(self.layers, caches, strict=True):
             x = layer.norm(h)
-            cache = past_key_values.layers[i] if past_key_values is not None else None
             if layer.kind == "A":
                 x = layer.mixer(x, rotary, attn_mask, cache)
             elif layer.kind == "M":
@@ -136,8 +155,6 @@ class TurboSModel(nn.Module):
             else:
                 x = layer.mixer(x)
             h = h + x
-        if past_key_values is not None:
-            past_key_values.seen_tokens += T
         return self.norm(h), aux, stats
 
 

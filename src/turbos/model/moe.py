@@ -47,6 +47,11 @@ class Router(nn.Module):
         return F.linear(x.float(), self.wg.weight.float())
 
 
+SYNC_FREE_MAX_TOKENS = 256
+"""On CUDA without autograd, MoE batches up to this many tokens (decode steps) avoid the grouped
+path, whose per-expert token counts need a host synchronisation."""
+
+
 class RoutedExperts(nn.Module):
     """num_experts SwiGLU experts stored as stacked weights (E, 2I, H) and (E, H, I)."""
 
@@ -66,9 +71,42 @@ class RoutedExperts(nn.Module):
         gate, up = self.project(x, "gate_up_proj", e).chunk(2, dim=-1)
         return self.project(F.silu(gate) * up, "down_proj", e)
 
+    def stacked(self, name: str, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The ``gate_up_proj`` or ``down_proj`` matrices of experts ``idx`` (n,): (n, out, in)."""
+        return getattr(self, name)[idx].to(dtype)
+
+    def gathered(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``forward`` as one batched product per projection over gathered expert weights: no host
+        synchronisation and no data-dependent shapes, so a CUDA graph can capture it. It copies k
+        weight matrices per token: for decode steps of fewer tokens than experts / k."""
+        N, k = expert_idx.shape
+        idx = expert_idx.reshape(-1).clamp(min=0)
+        xs = x.repeat_interleave(k, dim=0)[:, None]  # (N k, 1, H)
+        gate, up = torch.bmm(xs, self.stacked("gate_up_proj", idx, x.dtype).mT).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.stacked("down_proj", idx, x.dtype).mT)  # (N k, 1, H)
+        w = (weights * (expert_idx >= 0)).to(out.dtype)
+        return (out.view(N, k, -1) * w[..., None]).sum(1)
+
+    def dense(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``forward`` with every expert run on every token, weighted 0 where not chosen: no host
+        synchronisation and each expert's weights read once; for small batches (decode steps)."""
+        w = (weights * (expert_idx >= 0)).to(x.dtype)
+        w = x.new_zeros(x.shape[0], self.num_experts).scatter_add_(1, expert_idx.clamp(min=0), w)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            out += w[:, e : e + 1] * self.expert(x, e)
+        return out
+
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H); expert_idx (N, k) with -1 for 'no expert'; weights (N, k) -> (N, H)."""
         N, k = expert_idx.shape
+        if x.is_cuda and N <= SYNC_FREE_MAX_TOKENS and not torch.is_grad_enabled():
+            # Decode on a GPU: no host synchronisation (CUDA graphs can capture it).
+            return (
+                self.gathered(x, expert_idx, weights)
+                if N * k < self.num_experts
+                else self.dense(x, expert_idx, weights)
+            )
         if N == 1 and not torch.is_grad_enabled():  # batch-1 decode: k experts, no grouping
             out = torch.zeros_like(x)
             for e, w in zip(expert_idx[0].tolist(), weights[0].to(x.dtype), strict=True):

@@ -75,6 +75,10 @@ class Int8RoutedExperts(RoutedExperts):
     def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         return int8_linear(x, getattr(self, f"{name}_q")[expert], getattr(self, f"{name}_scale")[expert])
 
+    def stacked(self, name: str, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = getattr(self, f"{name}_q")[idx], getattr(self, f"{name}_scale")[idx]
+        return q.to(dtype) * scale.to(dtype)[..., None]
+
 
 def quantize_int8_(model: nn.Module) -> nn.Module:
     """Replace the model's linear layers and routed experts by int8 versions, in place.

@@ -102,6 +102,12 @@ class BatchCache:
 
     # ----------------------------------------------------------------------- bookkeeping
     @property
+    def capacity(self) -> int:
+        """Columns of the attention buffers (0 without attention layers)."""
+        layers = self._attention()
+        return layers[0].key.shape[2] if layers else 0
+
+    @property
     def width(self) -> int:
         return self.end - self.start
 

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from turbos.model import TurboSForCausalLM
 from turbos.model.quant import QUANTIZATIONS, quantize_int8_
 from turbos.serve.cache_manager import CacheManager
+from turbos.serve.cuda_graph import CUDAGraphDecoder
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.runner import ModelRunner, PrefillJob
 from turbos.serve.sampling import Sampler, SamplingParams, TokenLogprobs
@@ -67,7 +68,10 @@ class LLMEngine:
         prefill_chunk: int = 512,
         max_prefill_tokens: int = 4096,
         seed: int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
+        """cuda_graphs: replay decode steps as CUDA graphs (``turbos.serve.cuda_graph``); None: on
+        when the model is on a CUDA device. False is vLLM's ``enforce_eager``."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -76,7 +80,10 @@ class LLMEngine:
         self.device = weight.device
         self.scheduler = Scheduler(max_running, max_waiting, max_prefill_tokens)
         self.cache = CacheManager(self.config, max_running, weight.device, weight.dtype)
-        self.runner = ModelRunner(model, prefill_chunk)
+        if cuda_graphs is None:
+            cuda_graphs = weight.device.type == "cuda"
+        graphs = CUDAGraphDecoder(model, max_running) if cuda_graphs else None
+        self.runner = ModelRunner(model, prefill_chunk, graphs)
         generator = torch.Generator(device=weight.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         self.sampler = Sampler(generator)

@@ -15,6 +15,7 @@ import torch
 
 from turbos.model import TurboSForCausalLM
 from turbos.serve.cache_manager import BatchCache
+from turbos.serve.cuda_graph import CUDAGraphDecoder
 from turbos.serve.sequence import Sequence
 
 
@@ -48,12 +49,16 @@ class PrefillJob:
 class ModelRunner:
     """Runs the model on a ``BatchCache``; knows nothing of scheduling or sampling."""
 
-    def __init__(self, model: TurboSForCausalLM, prefill_chunk: int = 512) -> None:
+    def __init__(
+        self, model: TurboSForCausalLM, prefill_chunk: int = 512, graphs: CUDAGraphDecoder | None = None
+    ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
+        self.graphs = graphs
+        """Replays decode steps of up to ``graphs.max_rows`` rows as CUDA graphs; None: eager."""
 
     def start_prefill(self, seqs: list[Sequence], cache: BatchCache) -> PrefillJob:
         """Left-pad the prompts of ``seqs`` into one batch whose state will fill ``cache``."""
@@ -87,6 +92,12 @@ class ModelRunner:
     @torch.inference_mode()
     def decode_step(self, cache: BatchCache, seqs: Seq[Sequence]) -> torch.Tensor:
         """Feed every row its last token; return the next-token logits (rows, vocab)."""
+        if self.graphs is not None and len(seqs) <= self.graphs.max_rows:
+            cache.reserve(1)
+            logits = self.graphs.step(cache, [s.last_token for s in seqs])
+            cache.end += 1
+            cache.advance(1)
+            return logits
         ids = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
         mask = cache.attention_mask(1)
         cache.reserve(1)
