@@ -4,6 +4,7 @@ has none); run on one with ``pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from turbos.kernels.ssd import ssd_chunk_scan, ssd_sequential_scan
 from turbos.model import HybridCache, TurboSForCausalLM
 from turbos.model.quant import quantize_int8_
 from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.async_engine import AsyncLLMEngine
 from turbos.serve.sampling import TokenLogprobs
 from turbos.train.checkpoint import list_checkpoints
 from turbos.train.metrics import read_metrics
@@ -214,3 +216,35 @@ def test_cuda_graph_decode_serves_int8_weights() -> None:
     graphed = [r.token_ids for r in LLMEngine(model, tok, cuda_graphs=True).generate(prompts, params)]
     same = sum(a == b for x, y in zip(graphed, eager, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 18, f"only {same} of 20 tokens agree"
+
+
+def test_async_engine_on_cuda_captures_graphs_in_its_thread() -> None:
+    """The server's layout: the engine steps (and captures graphs) in a background thread while
+    requests, seeded ones too (a CUDA generator each), arrive from the event loop one by one."""
+    tok = tokenizer()
+    model = TurboSForCausalLM(small_config(vocab_size=tok.get_vocab_size())).eval().to(CUDA)
+    prompts = [torch.randint(9, 320, (n,)).tolist() for n in (6, 17, 9, 25)]
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=i)
+
+    expected = [
+        LLMEngine(model, tok, cuda_graphs=False).generate([p], params(i))[0].token_ids
+        for i, p in enumerate(prompts)
+    ]
+
+    async def main() -> list[list[int]]:
+        engine = AsyncLLMEngine(LLMEngine(model, tok, max_running=4))
+        engine.start()
+        streams = []
+        for i, prompt in enumerate(prompts):
+            streams.append(engine.add_request(prompt, params(i)))
+            await asyncio.sleep(0.01)
+        got = []
+        for request_id, queue in streams:
+            got.append([t async for out in engine.stream(request_id, queue) for t in out.token_ids])
+        assert engine.engine.runner.graphs.graphs, "the engine thread replayed graphs"
+        await asyncio.to_thread(engine.shutdown)
+        return got
+
+    assert asyncio.run(main()) == expected

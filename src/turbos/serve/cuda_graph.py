@@ -81,8 +81,10 @@ class CUDAGraphDecoder:
 
         The caller reserves the column first and advances the cache after, as for an eager step."""
         n = len(token_ids)
-        if not 0 < n <= self.max_rows:
-            raise ValueError(f"a graph step takes 1 to {self.max_rows} rows, got {n}")
+        if not 0 < n <= self.max_rows or n != cache.num_rows:
+            raise ValueError(
+                f"a graph step takes one token per row (1 to {self.max_rows} rows), got {n} tokens"
+            )
         bucket = next(b for b in self.buckets if b >= n)
         self._adopt_mamba_state(cache, n)
         layout = tuple(
@@ -151,7 +153,9 @@ class CUDAGraphDecoder:
             s.conv_state.copy_(conv)
             s.ssm_state.copy_(ssm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the server's thread may touch CUDA (e.g. a request's seeded generator)
+        # while the engine thread captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(cache, bucket)
         self._pool = graph.pool()
         self.graphs[bucket] = _Graph(graph, logits)
