@@ -59,7 +59,7 @@ class TurboSLayer(nn.Module):
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device | None = None
+    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device
 ) -> torch.Tensor | None:
     """Boolean (b, 1, T, past + T) mask for SDPA, or None when plain causal attention is exact.
 
@@ -69,8 +69,6 @@ def build_attention_mask(
     if attention_mask is None and (num_past == 0 or num_new == 1):
         return None
     total = num_past + num_new
-    if attention_mask is not None:
-        device = attention_mask.device
     q_pos = torch.arange(num_past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, total)

@@ -86,7 +86,7 @@ class CUDAGraphDecoder:
                 f"a graph step takes one token per row (1 to {self.max_rows} rows), got {n} tokens"
             )
         bucket = next(b for b in self.buckets if b >= n)
-        self._adopt_mamba_state(cache, n)
+        self._store_mamba_state(cache.layers, n)
         layout = tuple(
             (t.data_ptr(), *t.shape)
             for layer in cache.layers
@@ -104,17 +104,17 @@ class CUDAGraphDecoder:
         graph.graph.replay()
         return graph.logits[:n].clone()
 
-    def _adopt_mamba_state(self, cache: BatchCache, n: int) -> None:
-        """Make the cache's Mamba states views of the static buffers (copying them in if they are
-        not already)."""
-        for layer, static in zip(cache.layers, self.mamba, strict=True):
+    def _store_mamba_state(self, caches: list, rows: int) -> None:
+        """Make the Mamba states of ``caches`` (one per layer) views of the static buffers, copying
+        in any state that is not one already (rows joined, or a layer replaced its state)."""
+        for cache, static in zip(caches, self.mamba, strict=True):
             if static is None:
                 continue
             for name in ("conv_state", "ssm_state"):
-                mine, buffer = getattr(layer, name), getattr(static, name)
-                if mine.data_ptr() != buffer.data_ptr():
-                    buffer[:n].copy_(mine)
-                    setattr(layer, name, buffer[:n])
+                state, buffer = getattr(cache, name), getattr(static, name)
+                if state.data_ptr() != buffer.data_ptr():
+                    buffer[:rows].copy_(state)
+                    setattr(cache, name, buffer[:rows])
 
     def _forward(self, cache: BatchCache, bucket: int) -> torch.Tensor:
         """One decode step on the static inputs: what the graph records."""
@@ -131,25 +131,20 @@ class CUDAGraphDecoder:
             else:
                 layers.append(None)
         hidden, _, _ = self.model.model.run_layers(ids, lengths[:, None], mask[:, None, None], layers)
-        for used, static in zip(layers, self.mamba, strict=True):
-            if static is None:
-                continue
-            for name in ("conv_state", "ssm_state"):  # states a layer replaced rather than updated
-                new, buffer = getattr(used, name), getattr(static, name)
-                if new.data_ptr() != buffer.data_ptr():
-                    buffer[:bucket].copy_(new)
+        self._store_mamba_state(layers, bucket)
         return self.model.lm_head(hidden[:, -1])
 
     def _capture(self, cache: BatchCache, bucket: int) -> _Graph:
         # Warm up on a side stream (lazy kernel and workspace set-up stays out of the graph); the
         # warm-up advances the Mamba states, so they are put back before capturing.
-        saved = [(s.conv_state.clone(), s.ssm_state.clone()) for s in self.mamba if s is not None]
+        states = [s for s in self.mamba if s is not None]
+        saved = [(s.conv_state.clone(), s.ssm_state.clone()) for s in states]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._forward(cache, bucket)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        for s, (conv, ssm) in zip([s for s in self.mamba if s is not None], saved, strict=True):
+        for s, (conv, ssm) in zip(states, saved, strict=True):
             s.conv_state.copy_(conv)
             s.ssm_state.copy_(ssm)
         graph = torch.cuda.CUDAGraph()
