@@ -1,0 +1,159 @@
+"""When does auto think? Auto's choice against the best possible one, on a finished `turbos demo`.
+
+Reads the demo's held-out answers (``eval/answers.jsonl``: every problem in no_think, think and
+auto) and its adaptive model, then compares, as (accuracy, tokens as a share of think's):
+
+- think (always) and no_think (never);
+- auto, as measured, and auto re-played from the model's greedy first token (must agree);
+- thresholds on the model's probability of skipping thought: think unless p(</think>) >= tau;
+- the fusion rule applied perfectly: think exactly where the direct answer is wrong;
+- the oracle frontier (``turbos.post.routing``): per problem the cheaper answer, then the
+  cheapest switches to the right one; no router of these two answers does better.
+
+    python benchmarks/routing.py [--run runs/demo] [--name routing]
+
+Writes benchmarks/results/<name>.json and <name>.png (the frontier, the thresholds, the modes and
+the issue's target region: within 3 points of think at <= 60% of its tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_json  # noqa: E402
+from turbos.data.tokenizer import load_tokenizer  # noqa: E402
+from turbos.model import TurboSForCausalLM  # noqa: E402
+from turbos.post.routing import (  # noqa: E402
+    oracle_frontier,
+    paired,
+    routed,
+    routing_summary,
+    skip_probabilities,
+)
+from turbos.train.plots import pyplot, save_figure  # noqa: E402
+
+TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+MAX_DROP, MAX_TOKEN_RATIO = 0.03, 0.60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", default="runs/demo", help="a finished turbos demo output folder")
+    parser.add_argument("--name", default="routing", help="results file name (no extension)")
+    args = parser.parse_args()
+    run = Path(args.run)
+    answers = run / "eval" / "answers.jsonl"
+    if not answers.is_file():
+        raise SystemExit(f"{answers} not found: run `turbos demo --out {run}` first")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    choices = paired(rows)
+    auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
+    n = len(choices)
+    think_tokens = sum(c.think_tokens for c in choices) / n
+    think_accuracy = sum(c.think_correct for c in choices) / n
+
+    model_dir = run / "sft-adaptive" / "model"
+    model = TurboSForCausalLM.from_pretrained(model_dir).eval()
+    p_skip, greedy_skip = skip_probabilities(model, load_tokenizer(model_dir), [c.question for c in choices])
+
+    def point(accuracy: float, tokens: float) -> dict[str, float]:
+        return {"accuracy": accuracy, "token_ratio": tokens / think_tokens}
+
+    auto_measured = point(
+        sum(auto_rows[c.uid]["correct"] for c in choices) / n,
+        sum(auto_rows[c.uid]["tokens"] for c in choices) / n,
+    )
+    replayed = point(*routed(choices, [not s for s in greedy_skip]))
+    agree = sum((not s) == auto_rows[c.uid]["thought"] for c, s in zip(choices, greedy_skip, strict=True)) / n
+    summary = routing_summary(choices, MAX_DROP)
+    fusion_rule = summary["fusion_rule"]
+    thresholds = {tau: point(*routed(choices, [p < tau for p in p_skip])) for tau in TAUS}
+    frontier = [point(*p) for p in oracle_frontier(choices)]
+    in_target = [
+        tau
+        for tau, p in thresholds.items()
+        if p["accuracy"] >= think_accuracy - MAX_DROP and p["token_ratio"] <= MAX_TOKEN_RATIO
+    ]
+
+    print(f"{n} problems from {answers}")
+    print(f"outcomes (which modes are right): {summary['counts']}")
+    print(f"think     accuracy {think_accuracy:6.1%}  tokens 100%")
+    print(f"auto      accuracy {auto_measured['accuracy']:6.1%}  tokens {auto_measured['token_ratio']:4.0%}")
+    print(
+        f"replayed  accuracy {replayed['accuracy']:6.1%}  tokens {replayed['token_ratio']:4.0%}"
+        f"  (greedy first token; agrees with auto on {agree:.1%} of problems)"
+    )
+    print(
+        f"fusion rule accuracy {fusion_rule['accuracy']:6.1%}  tokens {fusion_rule['token_ratio']:4.0%}"
+        "  (think exactly where the direct answer is wrong)"
+    )
+    for tau, p in thresholds.items():
+        print(f"p(skip) >= {tau:<4}  accuracy {p['accuracy']:6.1%}  tokens {p['token_ratio']:4.0%}")
+    oracle = summary["oracle_token_ratio"]
+    print(
+        f"oracle: within {MAX_DROP:.0%} of think at "
+        + ("(out of reach)" if oracle is None else f"{oracle:.0%} of its tokens")
+    )
+    print(f"thresholds inside the target region: {in_target or 'none'}")
+
+    payload = {
+        "run": str(run),
+        "problems": n,
+        "outcomes": summary["counts"],
+        "think": point(think_accuracy, think_tokens),
+        "no_think": point(
+            sum(c.direct_correct for c in choices) / n, sum(c.direct_tokens for c in choices) / n
+        ),
+        "auto": auto_measured,
+        "auto_replayed": replayed,
+        "replay_agreement": agree,
+        "fusion_rule": fusion_rule,
+        "thresholds": {str(tau): p for tau, p in thresholds.items()},
+        "oracle_token_ratio_within_3_points": oracle,
+        "thresholds_in_target": in_target,
+        "oracle_frontier": frontier,
+    }
+    write_json(f"{args.name}.json", payload)
+    plot(payload, RESULTS / f"{args.name}.png")
+
+
+def plot(payload: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    think = payload["think"]
+    ax.axvspan(0, MAX_TOKEN_RATIO * 100, color="tab:green", alpha=0.06)
+    ax.axhline((think["accuracy"] - MAX_DROP) * 100, color="tab:green", lw=0.8, ls=":")
+    ax.text(2, (think["accuracy"] - MAX_DROP) * 100 + 1, "target: within 3 points, <= 60% tokens", fontsize=8)
+    frontier = payload["oracle_frontier"]
+    ax.plot(
+        [p["token_ratio"] * 100 for p in frontier],
+        [p["accuracy"] * 100 for p in frontier],
+        color="tab:gray",
+        label="oracle router (best possible)",
+    )
+    thresholds = list(payload["thresholds"].values())
+    ax.plot(
+        [p["token_ratio"] * 100 for p in thresholds],
+        [p["accuracy"] * 100 for p in thresholds],
+        "o--",
+        ms=3,
+        color="tab:purple",
+        label="think unless p(skip) >= tau",
+    )
+    for name, marker in (("no_think", "s"), ("think", "^"), ("auto", "o"), ("fusion_rule", "D")):
+        p = payload[name]
+        ax.scatter(p["token_ratio"] * 100, p["accuracy"] * 100, s=80, marker=marker, zorder=3, label=name)
+    ax.set_xlabel("mean generated tokens (% of think)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("When to think: auto vs the best per-problem choice")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

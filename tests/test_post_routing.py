@@ -1,0 +1,107 @@
+"""Routing analysis: the oracle frontier is the true optimum, auto's replay, and the skip probability."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from serve_helpers import tiny_model, tiny_tokenizer
+from turbos.data.tokenizer import END_THINK_TOKEN
+from turbos.post.routing import (
+    AUTO_DIRECT_EXTRA,
+    AUTO_THINK_EXTRA,
+    Choice,
+    fewest_tokens,
+    oracle_frontier,
+    outcome_counts,
+    paired,
+    routed,
+    routing_summary,
+    skip_probabilities,
+)
+from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.chat_template import prepare_chat
+
+
+def random_choices(n: int, rng: random.Random) -> list[Choice]:
+    return [
+        Choice(
+            f"p{i}",
+            1,
+            f"q{i}",
+            rng.random() < 0.4,
+            rng.randint(3, 12),
+            rng.random() < 0.6,
+            rng.randint(2, 120),
+        )
+        for i in range(n)
+    ]
+
+
+def test_oracle_frontier_is_the_fewest_tokens_at_each_accuracy() -> None:
+    rng = random.Random(0)
+    for _ in range(30):
+        choices = random_choices(8, rng)
+        best: dict[float, float] = {}  # accuracy -> fewest mean tokens, over all 2^8 routings
+        for think in itertools.product((False, True), repeat=len(choices)):
+            accuracy, tokens = routed(choices, think)
+            best[accuracy] = min(best.get(accuracy, math.inf), tokens)
+        frontier = oracle_frontier(choices)
+        for accuracy in best:
+            fewest = min(t for a, t in best.items() if a >= accuracy - 1e-12)
+            assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest), (accuracy, choices)
+        assert fewest_tokens(frontier, max(best) + 0.01) is None, "no routing beats every right answer"
+
+
+def test_routing_counts_auto_tokens_and_pairs_answers() -> None:
+    rows = [
+        {"uid": "a", "level": 1, "question": "1+1", "mode": "no_think", "correct": True, "tokens": 5},
+        {"uid": "a", "level": 1, "question": "1+1", "mode": "think", "correct": False, "tokens": 50},
+        {"uid": "b", "level": 4, "question": "9*9", "mode": "no_think", "correct": False, "tokens": 6},
+        {"uid": "b", "level": 4, "question": "9*9", "mode": "think", "correct": True, "tokens": 90},
+        {"uid": "b", "level": 4, "question": "9*9", "mode": "auto", "correct": True, "tokens": 91},
+    ]
+    choices = paired(rows)
+    assert outcome_counts(choices) == {"both": 0, "direct_only": 1, "think_only": 1, "neither": 0}
+    assert routed(choices, [False, True]) == (1.0, (5 + AUTO_DIRECT_EXTRA + 90 + AUTO_THINK_EXTRA) / 2)
+    summary = routing_summary(choices, max_drop=0.0)
+    assert summary["think_accuracy"] == 0.5
+    assert summary["oracle_token_ratio"] == pytest.approx((5 + 2 + 6 + 2) / 2 / 70), "direct on both"
+    with pytest.raises(ValueError, match="no think answer"):
+        paired(rows[:1])
+    with pytest.raises(ValueError, match="1 decisions for 2 problems"):
+        routed(choices, [True])
+
+
+@torch.no_grad()
+def test_skip_probability_matches_the_engine_first_token() -> None:
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer.get_vocab_size())
+    end_think = tokenizer.token_to_id(END_THINK_TOKEN)
+    questions = [f"What is {a} + {b}?" for a, b in [(1, 2), (30, 4), (7, 70), (12, 9), (5, 5), (81, 18)]]
+    prompts = [prepare_chat([{"role": "user", "content": q}], "think").text for q in questions]
+    # Give </think> the logit row of the top token plus a direction that separates the prompts'
+    # last hidden states, so that </think> wins after some prompts and loses after the others.
+    hidden: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: hidden.append(args[0][0, -1]))
+    logits = [model(torch.tensor([tokenizer.encode(t).ids])).logits[0, -1] for t in prompts]
+    hook.remove()
+    states = torch.stack(hidden)
+    top = int(logits[0].argmax())
+    model.lm_head.weight[end_think] = model.lm_head.weight[top] + 10 * (states[0] - states.mean(0))
+
+    p_skip, skips = skip_probabilities(model, tokenizer, questions)
+    engine = LLMEngine(model, tokenizer, max_running=4)
+    results = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=20))
+    assert any(skips) and not all(skips), "both branches exercised"
+    for p, skip, result in zip(p_skip, skips, results, strict=True):
+        assert skip == (result.token_ids[0] == end_think)
+        top = dict(result.logprobs[0].top)
+        if end_think in top:
+            assert p == pytest.approx(math.exp(top[end_think]), rel=1e-4)
+        else:
+            assert p <= math.exp(result.logprobs[0].logprob)
