@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from serve_helpers import tiny_model, tiny_tokenizer
+from serve_helpers import save_model_dir, tiny_model, tiny_tokenizer
+from turbos.cli import main
 from turbos.data.tokenizer import END_THINK_TOKEN
 from turbos.post.routing import (
     AUTO_DIRECT_EXTRA,
@@ -105,3 +106,13 @@ def test_skip_probability_matches_the_engine_first_token() -> None:
             assert p == pytest.approx(math.exp(top[end_think]), rel=1e-4)
         else:
             assert p <= math.exp(result.logprobs[0].logprob)
+
+
+def test_turbos_eval_prints_the_routing_summary(tmp_path, capsys) -> None:
+    directory = save_model_dir(tmp_path / "model")
+    args = ["eval", "--model", str(directory), "--families", "add", "--levels", "1", "2", "--per-level", "2"]
+    assert main([*args, "--max-tokens", "4", "--modes", "no_think", "think"]) == 0
+    printed = capsys.readouterr().out
+    assert "right in both modes" in printed and "best per-problem choice" in printed
+    assert main([*args, "--max-tokens", "4", "--modes", "no_think"]) == 0
+    assert "best per-problem choice" not in capsys.readouterr().out, "needs both modes"

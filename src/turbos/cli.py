@@ -80,6 +80,7 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
+    from turbos.post.routing import routing_report
 
     if args.problems:
         problems = read_problems(args.problems)
@@ -87,9 +88,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         n = args.per_level * len(args.families or [0] * 4) * len(args.levels or [0] * 5)
         problems = builtin_problems(n, args.families, args.levels, args.seed)
     engine = _load_engine(args)
-    results, _ = evaluate_modes(engine, problems, args.modes, args.max_tokens)
+    results, answers = evaluate_modes(engine, problems, args.modes, args.max_tokens)
     by = "family_level" if args.by_family else "level"
     print(json.dumps(results, indent=2) if args.json else format_table(results, by=by))
+    if not args.json and {"no_think", "think"} <= set(args.modes):
+        print("\n" + "\n".join(routing_report(a.row() for a in answers)).rstrip())
     return 0
 
 

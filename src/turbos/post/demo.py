@@ -213,18 +213,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
             engine, problems, ("no_think", "think", "auto"), settings.max_tokens
         )
         with (out / "eval" / "answers.jsonl").open("w") as f:
-            for a in answers:
-                row = {
-                    "uid": a.problem.uid,
-                    "level": a.problem.level,
-                    "mode": a.mode,
-                    "correct": a.correct,
-                    "tokens": a.tokens,
-                    "thought": a.thought,
-                    "question": a.problem.question,
-                    "text": a.text,
-                }
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(a.row()) + "\n" for a in answers)
         return {"results": results, "targets": check_targets(results), "table": format_table(results)}
 
     stages = [
@@ -283,34 +272,14 @@ def family_table(results: dict[str, Any]) -> list[str]:
     return ["By family and level:", "", "```", format_table(results, by="family_level"), "```", ""]
 
 
-def routing_lines(answers: Path) -> list[str]:
-    """report.md lines on when auto thinks, against the best per-problem choice between the
-    model's own direct and thinking answers (``turbos.post.routing``); none without the answers."""
-    from turbos.post.routing import paired, routing_summary
-
-    if not answers.is_file():
-        return []
-    summary = routing_summary(paired(json.loads(line) for line in answers.read_text().splitlines()))
-    counts, fusion, oracle = summary["counts"], summary["fusion_rule"], summary["oracle_token_ratio"]
-    reach = "out of reach" if oracle is None else f"{oracle * 100:.0f}% of think's tokens"
-    return [
-        "When to think (`turbos.post.routing`; `python benchmarks/routing.py --run <this folder>` adds",
-        "the model's own skip probability as a router and plots it):",
-        "",
-        f"- right in both modes {counts['both']}, only directly {counts['direct_only']}, only with "
-        f"thinking {counts['think_only']}, in neither {counts['neither']};",
-        f"- thinking exactly where the direct answer is wrong: {fusion['accuracy'] * 100:.1f}% at "
-        f"{fusion['token_ratio'] * 100:.0f}% of think's tokens;",
-        f"- best per-problem choice within {summary['max_drop'] * 100:.0f} points of think: {reach}.",
-        "",
-    ]
-
-
 def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> None:
     """report.md with the stages, the table and the targets, plus two PNGs."""
+    from turbos.post.routing import routing_report
+
     evaluation = outcome["eval"]
     results = evaluation["results"]
-    routing = routing_lines(out / "eval" / "answers.jsonl")
+    answers = out / "eval" / "answers.jsonl"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()] if answers.is_file() else []
     (out / "results.json").write_text(json.dumps({k: v for k, v in outcome.items()}, indent=2) + "\n")
     plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png")
     plot_think_rate(results, out / "think_rate.png")
@@ -344,7 +313,7 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
             for k, v in evaluation["targets"].items()
         ],
         "",
-        *routing,
+        *(routing_report(rows) if rows else []),
         "![accuracy vs tokens](accuracy_vs_tokens.png) ![thinking rate](think_rate.png)",
         "",
     ]

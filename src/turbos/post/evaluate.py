@@ -33,6 +33,20 @@ class Answer:
     tokens: int
     thought: bool
 
+    def row(self) -> dict[str, Any]:
+        """A JSON-ready record (the demo's ``eval/answers.jsonl``; ``turbos.post.routing.paired``)."""
+        p = self.problem
+        return {
+            "uid": p.uid,
+            "level": p.level,
+            "mode": self.mode,
+            "correct": self.correct,
+            "tokens": self.tokens,
+            "thought": self.thought,
+            "question": p.question,
+            "text": self.text,
+        }
+
 
 def read_problems(path: str | os.PathLike) -> list[Problem]:
     """User problems: JSONL with ``question`` and ``answer`` (optional ``level``, ``family``)."""

@@ -132,6 +132,24 @@ def routing_summary(choices: Sequence[Choice], max_drop: float = 0.03) -> dict[s
     }
 
 
+def routing_report(rows: Iterable[dict[str, Any]], max_drop: float = 0.03) -> list[str]:
+    """Markdown lines of ``routing_summary`` for evaluation rows (``Answer.row()``)."""
+    summary = routing_summary(paired(rows), max_drop)
+    counts, fusion, oracle = summary["counts"], summary["fusion_rule"], summary["oracle_token_ratio"]
+    reach = "out of reach" if oracle is None else f"{oracle * 100:.0f}% of think's tokens"
+    return [
+        "When to think (`turbos.post.routing`; `python benchmarks/routing.py --run <demo folder>` adds",
+        "the model's own skip probability as a router and plots it):",
+        "",
+        f"- right in both modes {counts['both']}, only directly {counts['direct_only']}, only with "
+        f"thinking {counts['think_only']}, in neither {counts['neither']};",
+        f"- thinking exactly where the direct answer is wrong: {fusion['accuracy'] * 100:.1f}% at "
+        f"{fusion['token_ratio'] * 100:.0f}% of think's tokens;",
+        f"- best per-problem choice within {max_drop * 100:.0f} points of think: {reach}.",
+        "",
+    ]
+
+
 @torch.no_grad()
 def skip_probabilities(model, tokenizer, questions: Sequence[str]) -> tuple[list[float], list[bool]]:
     """Per question, auto's probability of closing the think block at once, and whether that is
