@@ -21,6 +21,7 @@ demo: install
 # pytest exit code 5 (no tests collected) is reported as a failure, never a pass.
 test: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -34,6 +35,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:

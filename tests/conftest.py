@@ -39,3 +39,19 @@ def small_config(**overrides) -> TurboSConfig:
     )
     base.update(overrides)
     return TurboSConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The serving tests' tiny byte-level BPE (`serve_helpers.tiny_tokenizer`), once per module."""
+    from serve_helpers import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random TurboS model over that tokenizer, once per module."""
+    from serve_helpers import tiny_model
+
+    return tiny_model(tokenizer.get_vocab_size())

@@ -9,21 +9,11 @@ import time
 import pytest
 import torch
 
-from serve_helpers import greedy_alone, tiny_model, tiny_tokenizer
+from serve_helpers import greedy_alone
 from turbos.serve import LLMEngine, QueueFullError, SamplingParams
 from turbos.serve.async_engine import AsyncLLMEngine, EngineStoppedError
 from turbos.serve.cache_manager import SlotAttention
 from turbos.serve.engine import ContextLengthError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(tokenizer.get_vocab_size())
 
 
 def prompts(n: int, lengths: list[int], vocab: int) -> list[list[int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_helpers import tiny_tokenizer
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.sampling import Sampler, SamplingParams, SamplingParamsError, SamplingRow
 
@@ -116,11 +115,6 @@ def test_invalid_values_are_rejected_naming_the_field(field, value) -> None:
     with pytest.raises(SamplingParamsError, match=field) as err:
         SamplingParams(**{field: value})
     assert err.value.param == field
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.mark.parametrize(

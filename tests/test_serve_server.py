@@ -12,21 +12,11 @@ from contextlib import contextmanager
 import openai
 import pytest
 
-from serve_helpers import post_raw, running_server, tiny_model, tiny_tokenizer, wait_until
+from serve_helpers import post_raw, running_server, wait_until
 from turbos.data.tokenizer import END_THINK_TOKEN, END_TOKEN, EOS_TOKEN, THINK_TOKEN
 from turbos.serve import LLMEngine, SamplingParams
 
 MAX_BODY = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_model(tokenizer.get_vocab_size())
 
 
 @pytest.fixture(scope="module")
