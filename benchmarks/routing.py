@@ -29,6 +29,7 @@ from turbos.data.tokenizer import load_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
 from turbos.post.routing import (  # noqa: E402
     oracle_frontier,
+    outcome_counts,
     paired,
     routed,
     routing_summary,
@@ -81,6 +82,12 @@ def main() -> None:
 
     print(f"{n} problems from {answers}")
     print(f"outcomes (which modes are right): {summary['counts']}")
+    by_level = {
+        level: outcome_counts([c for c in choices if c.level == level])
+        for level in sorted({c.level for c in choices})
+    }
+    for level, counts in by_level.items():
+        print(f"  level {level}: {counts}")
     print(f"think     accuracy {think_accuracy:6.1%}  tokens 100%")
     print(f"auto      accuracy {auto_measured['accuracy']:6.1%}  tokens {auto_measured['token_ratio']:4.0%}")
     print(
@@ -104,6 +111,7 @@ def main() -> None:
         "run": str(run),
         "problems": n,
         "outcomes": summary["counts"],
+        "outcomes_by_level": {str(k): v for k, v in by_level.items()},
         "think": point(think_accuracy, think_tokens),
         "no_think": point(
             sum(c.direct_correct for c in choices) / n, sum(c.direct_tokens for c in choices) / n

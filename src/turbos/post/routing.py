@@ -72,12 +72,20 @@ def paired(rows: Iterable[dict[str, Any]]) -> list[Choice]:
     return choices
 
 
+# (direct answer right, thinking answer right) -> outcome name
+OUTCOMES = {
+    (True, True): "both",
+    (True, False): "direct_only",
+    (False, True): "think_only",
+    (False, False): "neither",
+}
+
+
 def outcome_counts(choices: Sequence[Choice]) -> dict[str, int]:
     """How many problems each mode gets right: both, only direct, only thinking, neither."""
-    counts = {"both": 0, "direct_only": 0, "think_only": 0, "neither": 0}
+    counts = dict.fromkeys(OUTCOMES.values(), 0)
     for c in choices:
-        key = {(True, True): "both", (True, False): "direct_only", (False, True): "think_only"}
-        counts[key.get((c.direct_correct, c.think_correct), "neither")] += 1
+        counts[OUTCOMES[c.direct_correct, c.think_correct]] += 1
     return counts
 
 
