@@ -28,7 +28,6 @@ from common import RESULTS, write_json  # noqa: E402
 from turbos.data.tokenizer import load_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
 from turbos.post.routing import (  # noqa: E402
-    oracle_frontier,
     outcome_counts,
     paired,
     routed,
@@ -54,8 +53,8 @@ def main() -> None:
     choices = paired(rows)
     auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
     n = len(choices)
-    think_tokens = sum(c.think_tokens for c in choices) / n
-    think_accuracy = sum(c.think_correct for c in choices) / n
+    summary = routing_summary(choices, MAX_DROP)
+    think_tokens, think_accuracy = summary["think_tokens"], summary["think_accuracy"]
 
     model_dir = run / "sft-adaptive" / "model"
     model = TurboSForCausalLM.from_pretrained(model_dir).eval()
@@ -70,10 +69,9 @@ def main() -> None:
     )
     replayed = point(*routed(choices, [not s for s in greedy_skip]))
     agree = sum((not s) == auto_rows[c.uid]["thought"] for c, s in zip(choices, greedy_skip, strict=True)) / n
-    summary = routing_summary(choices, MAX_DROP)
     fusion_rule = summary["fusion_rule"]
     thresholds = {tau: point(*routed(choices, [p < tau for p in p_skip])) for tau in TAUS}
-    frontier = [point(*p) for p in oracle_frontier(choices)]
+    frontier = [point(*p) for p in summary["oracle_frontier"]]
     in_target = [
         tau
         for tau, p in thresholds.items()

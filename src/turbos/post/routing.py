@@ -123,18 +123,21 @@ def fewest_tokens(frontier: Sequence[tuple[float, float]], accuracy: float) -> f
 
 
 def routing_summary(choices: Sequence[Choice], max_drop: float = 0.03) -> dict[str, Any]:
-    """Outcome counts; the fusion rule applied perfectly (think exactly where the direct answer is
-    wrong); and the oracle's fewest tokens within ``max_drop`` of always thinking. Tokens are shares
-    of think mode's."""
+    """Outcome counts; think mode's accuracy and mean tokens; the fusion rule applied perfectly
+    (think exactly where the direct answer is wrong); the oracle frontier and its fewest tokens
+    within ``max_drop`` of always thinking. Token ratios are shares of think mode's."""
     n = max(len(choices), 1)
     think_accuracy = sum(c.think_correct for c in choices) / n
     think_tokens = max(sum(c.think_tokens for c in choices) / n, 1e-9)
     accuracy, tokens = routed(choices, [not c.direct_correct for c in choices])
-    oracle = fewest_tokens(oracle_frontier(choices), think_accuracy - max_drop)
+    frontier = oracle_frontier(choices)
+    oracle = fewest_tokens(frontier, think_accuracy - max_drop)
     return {
         "counts": outcome_counts(choices),
         "think_accuracy": think_accuracy,
+        "think_tokens": think_tokens,
         "fusion_rule": {"accuracy": accuracy, "token_ratio": tokens / think_tokens},
+        "oracle_frontier": frontier,
         "oracle_token_ratio": None if oracle is None else oracle / think_tokens,
         "max_drop": max_drop,
     }
