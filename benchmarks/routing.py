@@ -7,6 +7,7 @@ auto) and its adaptive model, then compares, as (accuracy, tokens as a share of 
 - auto, as measured, and auto re-played from the model's greedy first token (must agree);
 - thresholds on the model's probability of skipping thought: think unless p(</think>) >= tau;
 - the fusion rule applied perfectly: think exactly where the direct answer is wrong;
+- difficulty rules: think exactly on the problems of level >= k;
 - the oracle frontier (``turbos.post.routing``): per problem the cheaper answer, then the
   cheapest switches to the right one; no router of these two answers does better.
 
@@ -96,6 +97,11 @@ def main() -> None:
         f"fusion rule accuracy {fusion_rule['accuracy']:6.1%}  tokens {fusion_rule['token_ratio']:4.0%}"
         "  (think exactly where the direct answer is wrong)"
     )
+    for rule in summary["level_rules"]:
+        print(
+            f"level >= {rule['from_level']}  accuracy {rule['accuracy']:6.1%}  "
+            f"tokens {rule['token_ratio']:4.0%}  (think exactly from this level up)"
+        )
     for tau, p in thresholds.items():
         print(f"p(skip) >= {tau:<4}  accuracy {p['accuracy']:6.1%}  tokens {p['token_ratio']:4.0%}")
     oracle = summary["oracle_token_ratio"]
@@ -118,6 +124,7 @@ def main() -> None:
         "auto_replayed": replayed,
         "replay_agreement": agree,
         "fusion_rule": fusion_rule,
+        "level_rules": summary["level_rules"],
         "thresholds": {str(tau): p for tau, p in thresholds.items()},
         "oracle_token_ratio_within_3_points": oracle,
         "thresholds_in_target": in_target,
@@ -149,6 +156,14 @@ def plot(payload: dict, path: Path) -> None:
         ms=3,
         color="tab:purple",
         label="think unless p(skip) >= tau",
+    )
+    rules = payload["level_rules"]
+    ax.plot(
+        [r["token_ratio"] * 100 for r in rules],
+        [r["accuracy"] * 100 for r in rules],
+        "x:",
+        color="tab:brown",
+        label="think on level >= k (k = 1 at right)",
     )
     for name, marker in (("no_think", "s"), ("think", "^"), ("auto", "o"), ("fusion_rule", "D")):
         p = payload[name]

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
+
 from turbos.data.tasks import extract_answer, generate_problems, render_short, verify
-from turbos.post.cot_fusion import REFLECTION, BuiltinTeacher, fuse_dataset, fuse_example, house_style
+from turbos.post.cot_fusion import (
+    CHECK,
+    REFLECTION,
+    BuiltinTeacher,
+    EndpointTeacher,
+    fuse_dataset,
+    fuse_example,
+    house_style,
+)
 
 
 class ScriptedTeacher:
@@ -85,3 +95,66 @@ def test_several_answers_count_as_solved_only_when_all_are_right() -> None:
     )
     examples, stats = fuse_dataset([p, p], [[right, right], [right, wrong]], BuiltinTeacher())
     assert (stats.short, stats.long) == (1, 1)
+
+
+def test_checked_example_confirms_the_right_attempt_in_a_think_block() -> None:
+    p = problems(1)[0]
+    right = render_short(p)
+    ex = fuse_example(p, [right, right], ScriptedTeacher(0), check=True)
+    assert ex.checked and ex.thought and ex.teacher_rounds == 1
+    think, final = ex.response.split("</think>")
+    assert think.startswith("<think>\n" + right + "\n" + CHECK + "\n"), "the attempt, then the check line"
+    assert REFLECTION not in think, "a right attempt is not called wrong"
+    assert all(step in think for step in p.steps) and final.strip() == right
+    assert ex.to_record()["meta"]["checked"] is True
+    wrong = fuse_example(p, f"Answer: {int(p.answer) + 1}", ScriptedTeacher(0), check=True)
+    assert not wrong.checked and REFLECTION in wrong.response, "check only applies to solved problems"
+
+
+def test_check_falls_back_to_the_short_answer_when_the_derivation_is_wrong() -> None:
+    p = problems(1)[0]
+    ex = fuse_example(p, render_short(p), ScriptedTeacher(wrong_rounds=1), check=True)
+    assert not ex.checked and ex.response == "<think></think>" + render_short(p)
+
+
+def test_check_share_picks_a_reproducible_share_of_the_solved_problems() -> None:
+    ps = generate_problems(200, families=["add"], levels=[1, 2], seed=5)
+    short = [render_short(p) if i % 4 else "Answer: -1" for i, p in enumerate(ps)]
+    none, stats0 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.0)
+    every, stats1 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=1.0)
+    assert (stats0.checked, stats0.short) == (0, 150) and (stats1.checked, stats1.short) == (150, 0)
+    assert stats0.long == stats1.long == 50
+    some, stats = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.2, seed=1)
+    again, _ = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.2, seed=1)
+    assert 15 <= stats.checked <= 45 and stats.short + stats.checked == 150
+    assert [e.response for e in some] == [e.response for e in again]
+    assert stats.to_dict()["checked"] == stats.checked
+    with pytest.raises(ValueError, match="check_share"):
+        fuse_dataset(ps, short, BuiltinTeacher(), check_share=1.5)
+
+
+def test_teachers_reason_from_scratch_when_there_is_no_attempt() -> None:
+    p = problems(1)[0]
+    assert BuiltinTeacher().continue_reasoning(p, []) == "\n".join((*p.steps, render_short(p)))
+    prompt = EndpointTeacher("http://127.0.0.1:9/v1", "m").prompt(p, [])
+    assert prompt.startswith(p.question) and "attempt" not in prompt.lower()
+
+
+def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:
+    import json
+
+    from serve_helpers import save_model_dir
+    from turbos.cli import main
+
+    directory = save_model_dir(tmp_path / "model")
+    output = tmp_path / "fused.jsonl"
+    args = ["fuse-cot", "--model", str(directory), "--output", str(output), "--n", "4", "--levels", "2"]
+    assert main([*args, "--max-tokens", "4", "--check-share", "0.5"]) == 0
+    stats = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert stats["total"] == 4 and stats["short"] + stats["checked"] + stats["long"] == 4
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 4
+    for record in records:
+        assert record["messages"][1]["content"].splitlines()[-1].startswith("Answer:"), record
+    assert main([*args, "--max-tokens", "4", "--check-share", "2"]) != 0
+    assert "check_share must be in [0, 1]" in capsys.readouterr().err

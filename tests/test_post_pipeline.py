@@ -101,8 +101,9 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     assert results["think"]["overall"]["think_rate"] == 1.0, "think mode always thinks"
     assert results["no_think"]["overall"]["think_rate"] == 0.0, "no_think never thinks"
     fusion = outcome["fusion"]
-    assert fusion["short"] + fusion["long"] + fusion["dropped"] == fusion["total"] == 48
-    assert len((out / "fusion" / "fused.jsonl").read_text().splitlines()) == fusion["short"] + fusion["long"]
+    kept = fusion["short"] + fusion["checked"] + fusion["long"]
+    assert kept + fusion["dropped"] == fusion["total"] == 48
+    assert len((out / "fusion" / "fused.jsonl").read_text().splitlines()) == kept
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out

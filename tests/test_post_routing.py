@@ -72,6 +72,11 @@ def test_routing_counts_auto_tokens_and_pairs_answers() -> None:
     summary = routing_summary(choices, max_drop=0.0)
     assert summary["think_accuracy"] == 0.5
     assert summary["oracle_token_ratio"] == pytest.approx((5 + 2 + 6 + 2) / 2 / 70), "direct on both"
+    every, hard = summary["level_rules"]  # think from level 1 (everywhere) / from level 4 (on b)
+    assert (every["from_level"], every["accuracy"]) == (1, 0.5)
+    assert every["token_ratio"] == pytest.approx((50 + 1 + 90 + 1) / 2 / 70)
+    assert (hard["from_level"], hard["accuracy"]) == (4, 1.0)
+    assert hard["token_ratio"] == pytest.approx((5 + 2 + 90 + 1) / 2 / 70)
     with pytest.raises(ValueError, match="no think answer"):
         paired(rows[:1])
     with pytest.raises(ValueError, match="1 decisions for 2 problems"):

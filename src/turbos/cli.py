@@ -71,7 +71,9 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
         teacher = EndpointTeacher(args.teacher_url, args.teacher_model, api_key=args.teacher_api_key)
     engine = _load_engine(args)
     responses = repeated_answers(engine, problems, args.samples, args.temperature, args.seed, args.max_tokens)
-    examples, stats = fuse_dataset(problems, responses, teacher, args.max_rounds)
+    examples, stats = fuse_dataset(
+        problems, responses, teacher, args.max_rounds, check_share=args.check_share, seed=args.seed
+    )
     write_jsonl(examples, args.output)
     print(json.dumps(stats.to_dict(), indent=2))
     print(f"wrote {len(examples)} examples to {args.output}")
@@ -344,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=0, help="sampled answers besides the greedy one; solved = all right"
     )
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples")
+    p.add_argument(
+        "--check-share",
+        type=float,
+        default=0.0,
+        help="share of solved problems whose right answer is checked in a think block (demo: 0.1)",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_fuse_cot)

@@ -21,7 +21,21 @@
        </think>
        Answer: 1357
 
-A correct short answer becomes ``<think></think>Answer: 42``.
+A correct short answer becomes ``<think></think>Answer: 42``. Optionally (``check_share``) a share
+of the solved problems instead get a think block that checks the right attempt and confirms it::
+
+    <think>
+    Answer: 1357
+    Let me check it step by step.
+    7+0+0=7, write 7 carry 0: 7         <- the teacher's derivation from scratch
+    ...
+    </think>
+    Answer: 1357
+
+Without these, every think block in the data rejects its first answer, so a model forced to think
+(``/think``) on a problem it can answer directly writes the right answer, rejects it and derives a
+wrong one. The share is small, so the model's own first choice on such problems stays "answer
+directly".
 
 Reasoning data carries no mode prompt (the report stores plain <problem, response> pairs), so the
 model learns to decide on its own whether a problem needs thinking.
@@ -34,6 +48,7 @@ OpenAI-compatible server (a real reasoning model behind vLLM, or ``turbos serve`
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -44,20 +59,24 @@ from turbos.data.tasks import Problem, extract_answer, render_short, verify
 from turbos.data.tokenizer import END_THINK_TOKEN, THINK_TOKEN
 
 REFLECTION = "That is not right. Let me work it out step by step."
+CHECK = "Let me check it step by step."
 _ANSWER_LINE = re.compile(r"^\s*answer\s*:.*$", re.IGNORECASE | re.MULTILINE)
 
 
 class Teacher(Protocol):
-    """Continues a failed attempt with long reasoning that should end in ``Answer: <answer>``."""
+    """Continues failed attempts with long reasoning that should end in ``Answer: <answer>``;
+    with no attempts, reasons from scratch (the derivation of a checked example)."""
 
     def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str: ...
 
 
 class BuiltinTeacher:
-    """Our exact step-by-step solver: a reflection line, the problem's derivation, the answer."""
+    """Our exact step-by-step solver: a reflection line (when there are failed attempts), the
+    problem's derivation, the answer."""
 
     def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
-        return "\n".join((REFLECTION, *problem.steps, render_short(problem)))
+        reflection = (REFLECTION,) if attempts else ()
+        return "\n".join((*reflection, *problem.steps, render_short(problem)))
 
 
 class EndpointTeacher:
@@ -83,6 +102,8 @@ class EndpointTeacher:
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
 
     def prompt(self, problem: Problem, attempts: Sequence[str]) -> str:
+        if not attempts:
+            return f"{problem.question}\n\nReason step by step. End with a line 'Answer: <answer>'."
         tried = "\n".join(f"Attempt {i + 1}:\n{a.strip()}" for i, a in enumerate(attempts))
         return (
             f"{problem.question}\n\nEarlier attempts, all wrong:\n{tried}\n\n"
@@ -134,8 +155,10 @@ class FusedExample:
     problem: Problem
     response: str
     thought: bool
-    """True when the short answer was wrong and the response carries long reasoning."""
+    """True when the response carries long reasoning (a fused or a checked example)."""
     teacher_rounds: int
+    checked: bool = False
+    """True for a solved problem whose right attempt is checked in a think block."""
 
     def to_record(self) -> dict:
         """One SFT JSONL record: a plain <problem, response> chat, no mode prompt."""
@@ -150,25 +173,37 @@ class FusedExample:
                 "uid": self.problem.uid,
                 "thought": self.thought,
                 "teacher_rounds": self.teacher_rounds,
+                "checked": self.checked,
             },
         }
 
 
 def fuse_example(
-    problem: Problem, short_response: str | Sequence[str], teacher: Teacher, max_rounds: int = 3
+    problem: Problem,
+    short_response: str | Sequence[str],
+    teacher: Teacher,
+    max_rounds: int = 3,
+    check: bool = False,
 ) -> FusedExample | None:
     """The fused training example for one problem, or None when the teacher never got it right.
 
     ``short_response`` may be several answers of the short model to the problem (e.g. greedy then
     samples): the problem counts as solved only when every one is right (a reliable skill, not a
     lucky draw); otherwise the first wrong answer is the failed attempt the teacher continues.
-    The response kept for a solved problem is the first one.
+    The response kept for a solved problem is the first one; with ``check``, it is followed in a
+    think block by the teacher's derivation from scratch, which confirms it (kept short if the
+    derivation does not verify).
     """
     responses = [short_response] if isinstance(short_response, str) else list(short_response)
     if not responses:
         raise ValueError(f"no short-model response for {problem.uid}")
     wrong = [r for r in responses if not verify(problem, r)]
     if not wrong:
+        if check:
+            derivation = teacher.continue_reasoning(problem, [])
+            if verify(problem, derivation):
+                response = long_response(problem, [responses[0]], f"{CHECK}\n{derivation}")
+                return FusedExample(problem, response, thought=True, teacher_rounds=1, checked=True)
         return FusedExample(problem, short_form(responses[0]), thought=False, teacher_rounds=0)
     attempts = [wrong[0].strip() or "(no answer)"]
     for round_ in range(1, max_rounds + 1):
@@ -183,12 +218,16 @@ def fuse_example(
 class FusionStats:
     total: int = 0
     short: int = 0
+    checked: int = 0
     long: int = 0
     dropped: int = 0
     by_level: dict[int, Counter] = field(default_factory=dict)
 
     def add(self, problem: Problem, example: FusedExample | None) -> None:
-        kind = "dropped" if example is None else ("long" if example.thought else "short")
+        if example is None:
+            kind = "dropped"
+        else:
+            kind = "checked" if example.checked else ("long" if example.thought else "short")
         self.total += 1
         setattr(self, kind, getattr(self, kind) + 1)
         self.by_level.setdefault(problem.level, Counter())[kind] += 1
@@ -197,6 +236,7 @@ class FusionStats:
         return {
             "total": self.total,
             "short": self.short,
+            "checked": self.checked,
             "long": self.long,
             "dropped": self.dropped,
             "by_level": {str(k): dict(v) for k, v in sorted(self.by_level.items())},
@@ -208,14 +248,21 @@ def fuse_dataset(
     short_responses: Sequence[str | Sequence[str]],
     teacher: Teacher,
     max_rounds: int = 3,
+    check_share: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[FusedExample], FusionStats]:
-    """Fuse every problem with its short-model response(s) (see ``fuse_example``); returns the
-    examples kept and counts."""
+    """Fuse every problem with its short-model response(s) (see ``fuse_example``); a solved problem
+    is checked with probability ``check_share`` (drawn with ``seed``). Returns the examples kept
+    and counts."""
     if len(problems) != len(short_responses):
         raise ValueError(f"{len(problems)} problems but {len(short_responses)} short responses")
+    if not 0.0 <= check_share <= 1.0:
+        raise ValueError(f"check_share must be in [0, 1], got {check_share}")
+    rng = random.Random(seed)
     stats, examples = FusionStats(), []
     for problem, response in zip(problems, short_responses, strict=True):
-        example = fuse_example(problem, response, teacher, max_rounds)
+        check = rng.random() < check_share
+        example = fuse_example(problem, response, teacher, max_rounds, check)
         stats.add(problem, example)
         if example is not None:
             examples.append(example)

@@ -122,10 +122,21 @@ def fewest_tokens(frontier: Sequence[tuple[float, float]], accuracy: float) -> f
     return next((tokens for acc, tokens in frontier if acc >= accuracy - 1e-12), None)
 
 
+def level_rules(choices: Sequence[Choice], think_tokens: float) -> list[dict[str, float]]:
+    """(accuracy, token ratio) of thinking exactly on the problems of level >= k, for each level
+    k: the routing a pure difficulty rule gives, and how many tokens the hard levels alone cost."""
+    rules = []
+    for k in sorted({c.level for c in choices}):
+        accuracy, tokens = routed(choices, [c.level >= k for c in choices])
+        rules.append({"from_level": k, "accuracy": accuracy, "token_ratio": tokens / think_tokens})
+    return rules
+
+
 def routing_summary(choices: Sequence[Choice], max_drop: float = 0.03) -> dict[str, Any]:
     """Outcome counts; think mode's accuracy and mean tokens; the fusion rule applied perfectly
-    (think exactly where the direct answer is wrong); the oracle frontier and its fewest tokens
-    within ``max_drop`` of always thinking. Token ratios are shares of think mode's."""
+    (think exactly where the direct answer is wrong); thinking from each level up
+    (``level_rules``); the oracle frontier and its fewest tokens within ``max_drop`` of always
+    thinking. Token ratios are shares of think mode's."""
     n = max(len(choices), 1)
     think_accuracy = sum(c.think_correct for c in choices) / n
     think_tokens = max(sum(c.think_tokens for c in choices) / n, 1e-9)
@@ -137,6 +148,7 @@ def routing_summary(choices: Sequence[Choice], max_drop: float = 0.03) -> dict[s
         "think_accuracy": think_accuracy,
         "think_tokens": think_tokens,
         "fusion_rule": {"accuracy": accuracy, "token_ratio": tokens / think_tokens},
+        "level_rules": level_rules(choices, think_tokens),
         "oracle_frontier": frontier,
         "oracle_token_ratio": None if oracle is None else oracle / think_tokens,
         "max_drop": max_drop,
@@ -156,6 +168,11 @@ def routing_report(rows: Iterable[dict[str, Any]], max_drop: float = 0.03) -> li
         f"thinking {counts['think_only']}, in neither {counts['neither']};",
         f"- thinking exactly where the direct answer is wrong: {fusion['accuracy'] * 100:.1f}% at "
         f"{fusion['token_ratio'] * 100:.0f}% of think's tokens;",
+        *[
+            f"- thinking on level {r['from_level']} and up only: {r['accuracy'] * 100:.1f}% at "
+            f"{r['token_ratio'] * 100:.0f}% of think's tokens;"
+            for r in summary["level_rules"][1:]
+        ],
         f"- best per-problem choice within {max_drop * 100:.0f} points of think: {reach}.",
         "",
     ]
