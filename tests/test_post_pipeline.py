@@ -111,8 +111,14 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     assert json.loads((out / "results.json").read_text())["eval"]["targets"]
 
 
-def test_demo_settings_are_checked_before_any_stage_runs() -> None:
+def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="adaptive_from"):
         DemoSettings(adaptive_from="teacher")
     with pytest.raises(ValueError, match="adaptive_loss"):
         DemoSettings(adaptive_loss="mean")
+    with pytest.raises(ValueError, match="fusion_check_share"):
+        DemoSettings(fusion_check_share=1.5)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--check-share", "2", "--no-progress"]) != 0
+    assert "fusion_check_share must be in [0, 1]" in capsys.readouterr().err
+    assert not out.exists(), "nothing ran"

@@ -37,10 +37,15 @@ def _layer_summary(config) -> dict[str, int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from turbos.post.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    settings.seed, settings.adaptive_from = args.seed, args.adaptive_from
+    changes = {"seed": args.seed, "adaptive_from": args.adaptive_from}
+    if args.check_share is not None:
+        changes["fusion_check_share"] = args.check_share
+    settings = dataclasses.replace(settings, **changes)  # validated again
     run_demo(args.out, settings, fresh=args.fresh, progress=not args.no_progress)  # prints the targets
     print(f"report: {args.out}/report.md")
     return 0
@@ -321,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="base",
         help="start the adaptive SFT from the pre-trained model (the report) or the short-CoT model",
     )
+    p.add_argument(
+        "--check-share",
+        type=float,
+        help="share of solved fusion problems checked in a think block (default 0; see README)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -350,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-share",
         type=float,
         default=0.0,
-        help="share of solved problems whose right answer is checked in a think block (demo: 0.1)",
+        help="share of solved problems whose right answer is checked in a think block (0: as the report)",
     )
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
     p.add_argument("--seed", type=int, default=0)
