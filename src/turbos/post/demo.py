@@ -45,7 +45,7 @@ class DemoSettings:
     fusion_check_share: float = 0.0
     """Share of solved problems whose right short answer is checked in a think block, so forced
     thinking on easy problems stays in distribution (``turbos.post.cot_fusion``). Off by default:
-    0.1 fixed forced thinking on easy additions in 3 runs of 3 but broke it on 4-digit ones in 2
+    0.1 fixed forced thinking on easy additions in 4 runs of 4 but broke it on 4-digit ones in 2
     (README)."""
     general_chats: int = 600
     adaptive_steps: int = 1300
