@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from serve_helpers import save_model_dir
+from turbos.cli import main
 from turbos.data.tasks import extract_answer, generate_problems, render_short, verify
 from turbos.post.cot_fusion import (
     CHECK,
@@ -120,8 +124,8 @@ def test_check_falls_back_to_the_short_answer_when_the_derivation_is_wrong() -> 
 def test_check_share_picks_a_reproducible_share_of_the_solved_problems() -> None:
     ps = generate_problems(200, families=["add"], levels=[1, 2], seed=5)
     short = [render_short(p) if i % 4 else "Answer: -1" for i, p in enumerate(ps)]
-    none, stats0 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.0)
-    every, stats1 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=1.0)
+    _, stats0 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.0)
+    _, stats1 = fuse_dataset(ps, short, BuiltinTeacher(), check_share=1.0)
     assert (stats0.checked, stats0.short) == (0, 150) and (stats1.checked, stats1.short) == (150, 0)
     assert stats0.long == stats1.long == 50
     some, stats = fuse_dataset(ps, short, BuiltinTeacher(), check_share=0.2, seed=1)
@@ -141,11 +145,6 @@ def test_teachers_reason_from_scratch_when_there_is_no_attempt() -> None:
 
 
 def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:
-    import json
-
-    from serve_helpers import save_model_dir
-    from turbos.cli import main
-
     directory = save_model_dir(tmp_path / "model")
     output = tmp_path / "fused.jsonl"
     args = ["fuse-cot", "--model", str(directory), "--output", str(output), "--n", "4", "--levels", "2"]

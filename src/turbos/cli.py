@@ -61,8 +61,16 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     from turbos.data.tasks import generate_problems
-    from turbos.post.cot_fusion import BuiltinTeacher, EndpointTeacher, fuse_dataset, write_jsonl
+    from turbos.post.cot_fusion import (
+        BuiltinTeacher,
+        EndpointTeacher,
+        check_share_value,
+        fuse_dataset,
+        write_jsonl,
+    )
     from turbos.post.evaluate import read_problems, repeated_answers
+
+    check_share_value(args.check_share)  # before minutes of generation
 
     if args.problems:
         problems = read_problems(args.problems)

@@ -243,6 +243,13 @@ class FusionStats:
         }
 
 
+def check_share_value(share: float) -> float:
+    """``share`` if it is a valid ``check_share`` (in [0, 1]), else ValueError."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"check_share must be in [0, 1], got {share}")
+    return share
+
+
 def fuse_dataset(
     problems: Sequence[Problem],
     short_responses: Sequence[str | Sequence[str]],
@@ -256,8 +263,7 @@ def fuse_dataset(
     and counts."""
     if len(problems) != len(short_responses):
         raise ValueError(f"{len(problems)} problems but {len(short_responses)} short responses")
-    if not 0.0 <= check_share <= 1.0:
-        raise ValueError(f"check_share must be in [0, 1], got {check_share}")
+    check_share_value(check_share)
     rng = random.Random(seed)
     stats, examples = FusionStats(), []
     for problem, response in zip(problems, short_responses, strict=True):

@@ -312,7 +312,7 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
         f"| short-CoT SFT | {outcome['sft-short']['wall_s']} | final loss "
         f"{outcome['sft-short']['final_loss']:.3f} |",
         f"| CoT fusion | {fusion['wall_s']} | {fusion['short']} short (correct), "
-        f"{fusion.get('checked', 0)} checked (correct), {fusion['long']} long (wrong, fused), "
+        f"{fusion['checked']} checked (correct), {fusion['long']} long (wrong, fused), "
         f"{fusion['dropped']} dropped |",
         f"| adaptive SFT | {outcome['sft-adaptive']['wall_s']} | final loss "
         f"{outcome['sft-adaptive']['final_loss']:.3f} |",
