@@ -1,11 +1,14 @@
 """Post-training pipeline: the endpoint teacher on our own server, evaluation bookkeeping, and
-`turbos demo --quick` end to end."""
+`turbos demo --quick` end to end (reuse and resume)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from serve_helpers import running_server, save_model_dir
 from turbos.cli import main
@@ -13,6 +16,7 @@ from turbos.data.tasks import generate_problems
 from turbos.post.cot_fusion import EndpointTeacher, fuse_example, house_style
 from turbos.post.demo import DemoSettings, check_targets, run_demo
 from turbos.post.evaluate import Answer, format_table, read_problems, summarize
+from turbos.post.sft import SFTRecipe, run_sft
 from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.chat_template import prepare_chat
 
@@ -104,7 +108,23 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     kept = fusion["short"] + fusion["checked"] + fusion["long"]
     assert kept + fusion["dropped"] == fusion["total"] == 48
     assert len((out / "fusion" / "fused.jsonl").read_text().splitlines()) == kept
+
+    # An adaptive SFT interrupted at step 6 of 10 resumes there on a re-run, to the same weights.
+    stage = out / "sft-adaptive"
+    finished = load_file(stage / "model" / "model.safetensors")
+    (stage / "done.json").unlink()
+    shutil.rmtree(stage / "model")
+    run_sft(SFTRecipe.load(stage / "sft_recipe.yaml"), progress=False, overwrite=True, stop_at=6)
     capsys.readouterr()
+    run_demo(out, DemoSettings.quick(), progress=False)
+    printed = capsys.readouterr().out
+    assert (
+        printed.count("reusing") == 3
+        and f"resuming from {stage / 'checkpoints' / 'step-00000006'}" in printed
+    )
+    resumed = load_file(stage / "model" / "model.safetensors")
+    assert all(torch.equal(finished[name], resumed[name]) for name in finished)
+
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 5, printed

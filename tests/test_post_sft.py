@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
+import yaml
 
 from serve_helpers import save_model_dir, tiny_tokenizer
+from turbos.cli import main
 from turbos.config import ConfigError
 from turbos.model import TurboSForCausalLM
 from turbos.model.hybrid import IGNORE_INDEX
@@ -147,3 +150,73 @@ def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path)
     assert torch.isfinite(next(model.parameters())).all()
     config = json.loads((tmp_path / "sft" / "model" / "tokenizer_config.json").read_text())
     assert "chat_template" in config
+
+
+def _resume_recipe(tmp_path, out: str, **changes) -> SFTRecipe:
+    base = tmp_path / "base"
+    if not base.exists():
+        save_model_dir(base)
+    chats = tmp_path / "chats.jsonl"
+    if not chats.exists():
+        with chats.open("w") as f:
+            for a in range(12):
+                reply = f"Answer: {a + 1}" if a % 2 else f"<think>\n{a}+1={a + 1}\n</think>\nAnswer: {a + 1}"
+                chat = [
+                    {"role": "user", "content": f"What is {a} + 1?"},
+                    {"role": "assistant", "content": reply},
+                ]
+                f.write(json.dumps({"messages": chat}) + "\n")
+    settings = dict(
+        model=str(base),
+        data=[{"path": str(chats)}],
+        output_dir=str(tmp_path / out),
+        steps=8,
+        batch_size=4,
+        warmup_steps=2,
+        group_by_length=2,
+        loss_normalization="sequence",
+    )
+    return SFTRecipe(**{**settings, **changes})
+
+
+def test_stopped_and_resumed_sft_matches_a_straight_run_bit_for_bit(tmp_path) -> None:
+    straight = run_sft(_resume_recipe(tmp_path, "straight"), progress=False)
+    recipe = _resume_recipe(tmp_path, "resumed", checkpoint_interval=2, keep_last=2)
+    stopped = run_sft(recipe, progress=False, stop_at=5)
+    assert stopped["stopped_at"] == 5 and not (tmp_path / "resumed" / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000005",
+    ], "every checkpoint_interval steps and at the stop, the newest keep_last kept"
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        run_sft(recipe, progress=False)  # starting again would lose the checkpoints
+    with pytest.raises(ValueError, match=r"\['lr'\] differ"):
+        run_sft(_resume_recipe(tmp_path, "resumed", lr=5e-3), progress=False, resume="auto")
+    torch.manual_seed(123)  # the resumed run must not depend on the RNG state it starts in
+    resumed = run_sft(
+        recipe, progress=False, resume=str(tmp_path / "resumed" / "checkpoints" / "step-00000004")
+    )
+
+    expected = TurboSForCausalLM.from_pretrained(straight["model_dir"]).state_dict()
+    got = TurboSForCausalLM.from_pretrained(resumed["model_dir"]).state_dict()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    records = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9)), "step 5 logged once, after the resume"
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    assert resumed["tokens"] == straight["tokens"]
+    run_sft(recipe, progress=False, overwrite=True, stop_at=1)  # --overwrite starts afresh
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_sft_cli_stops_resumes_and_refuses_to_restart_over_checkpoints(tmp_path, capsys) -> None:
+    recipe = _resume_recipe(tmp_path, "cli", checkpoint_interval=3)
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(asdict(recipe)))))
+    assert main(["sft", "--recipe", str(path), "--stop-at", "4", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["stopped_at"] == 4
+    assert main(["sft", "--recipe", str(path), "--no-progress"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["sft", "--recipe", str(path), "--resume", "auto", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 8
+    assert (tmp_path / "cli" / "model" / "model.safetensors").is_file()

@@ -54,7 +54,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_sft(args: argparse.Namespace) -> int:
     from turbos.post.sft import SFTRecipe, run_sft
 
-    summary = run_sft(SFTRecipe.load(args.recipe, args.overrides), progress=not args.no_progress)
+    summary = run_sft(
+        SFTRecipe.load(args.recipe, args.overrides),
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_at=args.stop_at,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -180,6 +186,12 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
             f"(seq_len {seq_len})"
         )
     return 0
+
+
+def _add_resume_flags(p: argparse.ArgumentParser, step: str) -> None:
+    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the run's latest")
+    p.add_argument("--overwrite", action="store_true", help="delete the run's existing checkpoints first")
+    p.add_argument("--stop-at", type=int, help=f"stop after this {step} (continue later with --resume auto)")
 
 
 def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
@@ -345,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (loss on assistant replies only)")
     p.add_argument("--recipe", required=True, help="YAML SFT recipe (see turbos.post.sft.SFTRecipe)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
+    _add_resume_flags(p, "step")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_sft)
 
@@ -405,11 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. optimizer.lr=1e-3"
     )
-    p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the run's latest")
-    p.add_argument("--overwrite", action="store_true", help="delete the run's existing checkpoints first")
-    p.add_argument(
-        "--stop-at", type=int, help="stop after this global step (continue later with --resume auto)"
-    )
+    _add_resume_flags(p, "global step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretrain)
 

@@ -4,6 +4,9 @@ Stages, each in its own folder under the output directory. A finished stage (its
 exists) is reused on a re-run unless ``fresh``, or the settings it depends on changed, or an
 earlier stage was redone:
 
+Training stages save checkpoints; one that was interrupted resumes from its latest checkpoint
+when re-run with the same settings.
+
 1. ``pretrain``: the `tiny` recipe (WSD, annealing, long-context stages) on built-in text.
 2. ``sft-short``: SFT of the pre-trained model on problems with bare answers: the short-CoT model.
 3. ``fusion``: the short model answers every problem (greedy, plus ``fusion_samples`` samples);
@@ -125,15 +128,22 @@ def _finished(folder: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
 def _stage(
     folder: Path, redo: bool, inputs: dict[str, Any], title: str, index: int, run
 ) -> tuple[dict, bool]:
-    """Run a stage or reuse it; returns (result, whether it ran)."""
+    """Run a stage or reuse it; returns (result, whether it ran).
+
+    ``run(resume)``: ``resume`` is True when this stage was started before with the same inputs
+    (and no earlier stage was redone since), so its checkpoints may be continued.
+    """
     previous = None if redo else _finished(folder, inputs)
     if previous is not None:
         print(f"[{index}/5] {title}: reusing {folder}")
         return previous, False
     print(f"[{index}/5] {title} ...", flush=True)
     start = time.perf_counter()
+    started = folder / "started.json"
+    resume = not redo and started.is_file() and json.loads(started.read_text()) == inputs
     folder.mkdir(parents=True, exist_ok=True)
-    result = run()
+    started.write_text(json.dumps(inputs, indent=2) + "\n")
+    result = run(resume)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["inputs"] = inputs
     (folder / "done.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -157,19 +167,30 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
     fams, levels = list(settings.families), list(settings.levels)
     base_model = out / "pretrain" / "model"
 
-    def pretrain() -> dict:
+    def resume_point(run_dir: Path, resume: bool) -> str | None:
+        """'auto' when an interrupted run of this stage left a checkpoint, else None (start afresh)."""
+        latest = latest_checkpoint(run_dir) if resume else None
+        if latest is not None:
+            print(f"      resuming from {latest}", flush=True)
+        return None if latest is None else "auto"
+
+    def pretrain(resume: bool) -> dict:
         if not RECIPE.is_file():
             raise FileNotFoundError(f"the demo needs {RECIPE} (run from a source checkout)")
         run_dir = out / "pretrain"
         overrides = [*settings.pretrain_overrides, f"output_dir={run_dir}", f"seed={settings.seed}"]
-        summary = Trainer(load_recipe(RECIPE, overrides), overwrite=True, progress=progress).train()
+        recipe = load_recipe(RECIPE, overrides)
+        trainer = Trainer(recipe, resume=resume_point(run_dir, resume), overwrite=True, progress=progress)
+        summary = trainer.train()
         from turbos.data.tokenizer import load_tokenizer
 
         checkpoint = latest_checkpoint(run_dir)
         export_model(TurboSForCausalLM.from_pretrained(checkpoint), load_tokenizer(checkpoint), base_model)
         return {"val_loss": summary["val_loss"], "steps": summary["steps"], "model": str(base_model)}
 
-    def sft(name: str, data: list[dict], steps: int, start: Path = base_model, loss: str = "token") -> dict:
+    def sft(
+        name: str, data: list[dict], steps: int, resume: bool, start: Path = base_model, loss: str = "token"
+    ) -> dict:
         recipe = SFTRecipe(
             model=str(start),
             data=data,
@@ -182,18 +203,19 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
             warmup_steps=max(1, steps // 20),
             seed=settings.seed,
             loss_normalization=loss,
+            checkpoint_interval=max(1, steps // 10),
         )
-        return run_sft(recipe, progress=progress)
+        return run_sft(recipe, progress, resume=resume_point(out / name, resume), overwrite=True)
 
-    def short_sft() -> dict:
+    def short_sft(resume: bool) -> dict:
         problems = generate_problems(
             settings.short_problems, families=fams, levels=levels, seed=settings.seed + 1
         )
         path = out / "sft-short" / "short_cot.jsonl"
         write_records(short_cot_records(problems), path)
-        return sft("sft-short", [{"path": str(path)}], settings.short_steps)
+        return sft("sft-short", [{"path": str(path)}], settings.short_steps, resume)
 
-    def fusion() -> dict:
+    def fusion(_resume: bool) -> dict:
         from turbos.post.evaluate import repeated_answers
 
         engine = LLMEngine.from_pretrained(out / "sft-short" / "model", max_running=64, seed=settings.seed)
@@ -212,15 +234,15 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         )
         return stats.to_dict()
 
-    def adaptive_sft() -> dict:
+    def adaptive_sft(resume: bool) -> dict:
         data = [
             {"path": str(out / "fusion" / "fused.jsonl"), "weight": 4.0},
             {"path": str(out / "fusion" / "general.jsonl"), "weight": 1.0},
         ]
         start = base_model if settings.adaptive_from == "base" else out / "sft-short" / "model"
-        return sft("sft-adaptive", data, settings.adaptive_steps, start, settings.adaptive_loss)
+        return sft("sft-adaptive", data, settings.adaptive_steps, resume, start, settings.adaptive_loss)
 
-    def evaluate() -> dict:
+    def evaluate(_resume: bool) -> dict:
         engine = LLMEngine.from_pretrained(out / "sft-adaptive" / "model", max_running=64, seed=settings.seed)
         problems = builtin_problems(
             settings.eval_per_level * len(fams) * len(levels), fams, levels, settings.seed

@@ -34,7 +34,7 @@ from turbos.data.tokenizer import ASSISTANT_TOKEN, END_TOKEN, PAD_ID, load_token
 from turbos.model import TurboSForCausalLM
 from turbos.model.hybrid import IGNORE_INDEX
 from turbos.serve.chat_template import render_chat, save_chat_template
-from turbos.train.checkpoint import save_checkpoint
+from turbos.train.checkpoint import load_checkpoint, open_run_dir, read_trainer_state, save_checkpoint
 from turbos.train.evaluate import autocast_context, resolve_device
 from turbos.train.metrics import MetricsLog, summarize_moe
 from turbos.train.optim import build_optimizer, expert_lr_scale, set_lr
@@ -284,24 +284,56 @@ def export_model(model: TurboSForCausalLM, tokenizer: Tokenizer, directory: str 
     return directory
 
 
-def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``recipe.model`` and write ``OUTPUT_DIR/model`` (servable) plus metrics.jsonl."""
-    torch.manual_seed(recipe.seed)
+# Recipe fields a resumed run may change: where it writes, how often it saves, where it runs.
+# Every other field shapes the batches or the updates, so a checkpoint refuses a recipe that differs.
+RESUMABLE_CHANGES = frozenset(
+    {"output_dir", "checkpoint_interval", "keep_last", "device", "precision", "extra"}
+)
+
+
+def _recipe_state(recipe: SFTRecipe) -> dict[str, Any]:
+    state = json.loads(json.dumps(asdict(recipe)))
+    return {key: value for key, value in state.items() if key not in RESUMABLE_CHANGES}
+
+
+def run_sft(
+    recipe: SFTRecipe,
+    progress: bool = True,
+    resume: str | None = None,
+    overwrite: bool = False,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``recipe.model`` and write ``OUTPUT_DIR/model`` (servable) plus metrics.jsonl.
+
+    Checkpoints (every ``checkpoint_interval`` steps and at ``stop_at``) go to
+    ``OUTPUT_DIR/checkpoints/step-N``. ``resume`` ('auto' or a checkpoint directory) continues a
+    run where it stopped, with the same weights bit for bit on CPU as a run that never stopped: the
+    batch stream is replayed to the checkpoint's step, and the model, optimizer and RNG states are
+    restored. An output directory that holds checkpoints is refused unless resuming or ``overwrite``.
+    ``stop_at``: stop after that step (the model is exported only when all ``steps`` are done).
+    """
+    if stop_at is not None and not 0 < stop_at <= recipe.steps:
+        raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
+    checkpoint = open_run_dir(out, resume, overwrite)
+    if checkpoint is not None:
+        saved, current = read_trainer_state(checkpoint).get("recipe", {}), _recipe_state(recipe)
+        changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was trained with a different recipe: {changed} differ")
+    torch.manual_seed(recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     device = resolve_device(recipe.device)
     model = TurboSForCausalLM.from_pretrained(recipe.model, device=device).train()
     tokenizer = load_tokenizer(recipe.model)
+    tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")  # copied into every checkpoint
     data = encode_datasets(recipe.data, tokenizer, recipe.max_len)
     probs = row_sampler(data, [d.weight for d in recipe.data], recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     c = model.config
     scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts) if c.num_experts else 1.0
     optimizer = build_optimizer(model, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale)
-    log = MetricsLog(out)
-    bar = tqdm(range(recipe.steps), desc="sft", disable=not progress, dynamic_ncols=True)
-    start, tokens, loss_value = time.perf_counter(), 0, float("nan")
     per_sequence = recipe.loss_normalization == "sequence"
     batches = batch_rows(
         probs,
@@ -311,6 +343,23 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
         recipe.group_by_length,
         generator,
     )
+    first, tokens = 0, 0
+    if checkpoint is not None:
+        resumed = load_checkpoint(checkpoint, model, optimizer)  # weights, optimizer and RNG states
+        first, tokens = resumed["step"], resumed["tokens"]
+        for _ in range(first):  # the batch stream replayed to where the run stopped
+            next(batches)
+    end = recipe.steps if stop_at is None else max(stop_at, first)
+    log = MetricsLog(out, resume_step=first if checkpoint is not None else None)
+    bar = tqdm(
+        range(first, end),
+        initial=first,
+        total=recipe.steps,
+        desc="sft",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    start, loss_value = time.perf_counter(), float("nan")
     for step in bar:
         rows, weight = next(batches)
         input_ids, mask, labels = (
@@ -346,8 +395,17 @@ def run_sft(recipe: SFTRecipe, progress: bool = True) -> dict[str, Any]:
                 **summarize_moe([result.moe_stats]),
             }
         )
-        if recipe.checkpoint_interval and (step + 1) % recipe.checkpoint_interval == 0:
-            save_checkpoint(out, step + 1, model, optimizer, {"step": step + 1}, keep_last=recipe.keep_last)
+        done = step + 1
+        if (recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0) or (
+            done == end < recipe.steps
+        ):
+            trainer_state = {"step": done, "tokens": tokens, "recipe": _recipe_state(recipe)}
+            save_checkpoint(
+                out, done, model, optimizer, trainer_state, tokenizer_dir, keep_last=recipe.keep_last
+            )
+    bar.close()
+    if end < recipe.steps:
+        return {"steps": end, "stopped_at": end, "tokens": tokens, "wall_s": time.perf_counter() - start}
     model.eval()
     export_model(model, tokenizer, out / "model")
     summary = {

@@ -69,6 +69,25 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path:
     return path
 
 
+def open_run_dir(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint a run resumes from, or None for a fresh start.
+
+    ``resume``: a checkpoint directory, or 'auto' for the run's latest. Without it, a run directory
+    that already holds checkpoints is refused unless ``overwrite`` (which deletes them), so a
+    finished or interrupted run is never lost by starting again by mistake.
+    """
+    if resume is not None:
+        return resolve_resume(resume, run_dir)
+    if list_checkpoints(run_dir):
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints: resume with --resume auto, "
+                "pass --overwrite, or choose another output_dir"
+            )
+        shutil.rmtree(checkpoint_root(run_dir))
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # RNG state
 # ----------------------------------------------------------------------------------------------

@@ -28,14 +28,7 @@ from tqdm.auto import tqdm
 
 from turbos.config import TurboSConfig
 from turbos.model import TurboSForCausalLM
-from turbos.train.checkpoint import (
-    checkpoint_root,
-    list_checkpoints,
-    load_checkpoint,
-    read_trainer_state,
-    resolve_resume,
-    save_checkpoint,
-)
+from turbos.train.checkpoint import load_checkpoint, open_run_dir, read_trainer_state, save_checkpoint
 from turbos.train.data import BatchStream, prepare_tokenizer, stage_corpus, train_batches, validation_batches
 from turbos.train.evaluate import autocast_context, evaluate_loss, perplexity, resolve_device, row_loss
 from turbos.train.metrics import METRICS_FILE, MetricsLog, summarize_moe
@@ -65,14 +58,7 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
         self.progress = progress
-        checkpoint = resolve_resume(resume, self.run_dir) if resume is not None else None
-        if checkpoint is None and list_checkpoints(self.run_dir):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.run_dir} already holds checkpoints: resume with --resume auto, "
-                    "pass --overwrite, or choose another output_dir"
-                )
-            shutil.rmtree(checkpoint_root(self.run_dir))
+        checkpoint = open_run_dir(self.run_dir, resume, overwrite)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
