@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,10 +14,11 @@ from turbos.post.cot_fusion import (
     CHECK,
     REFLECTION,
     BuiltinTeacher,
-    EndpointTeacher,
+    ModelTeacher,
     fuse_dataset,
     fuse_example,
     house_style,
+    teacher_prompt,
 )
 
 
@@ -140,8 +142,37 @@ def test_check_share_picks_a_reproducible_share_of_the_solved_problems() -> None
 def test_teachers_reason_from_scratch_when_there_is_no_attempt() -> None:
     p = problems(1)[0]
     assert BuiltinTeacher().continue_reasoning(p, []) == "\n".join((*p.steps, render_short(p)))
-    prompt = EndpointTeacher("http://127.0.0.1:9/v1", "m").prompt(p, [])
+    prompt = teacher_prompt(p, [])
     assert prompt.startswith(p.question) and "attempt" not in prompt.lower()
+    engine = ScriptedEngine("7+0+0=7\n</think>\nAnswer: 1357")
+    ModelTeacher(engine).continue_reasoning(p, [])
+    assert engine.prompts[0].endswith("<|assistant|><think>") and p.question in engine.prompts[0]
+
+
+class ScriptedEngine:
+    """Stands in for LLMEngine.generate: records prompts and parameters, returns a fixed text."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.prompts, self.params = text, [], []
+
+    def generate(self, prompts, params):
+        self.prompts += prompts
+        self.params += params
+        return [SimpleNamespace(text=self.text, token_ids=[]) for _ in prompts]
+
+
+def test_model_teacher_thinks_on_the_failed_attempts_and_answers_in_house_style() -> None:
+    p = problems(1)[0]
+    thought = f"Attempt 1 was wrong.\n\n{p.steps[0]}\n</think>\n"
+    engine = ScriptedEngine(f"{thought}The answer is {p.answer}.\nAnswer: {p.answer}")
+    reply = ModelTeacher(engine, max_tokens=77).continue_reasoning(p, ["Answer: 7", "Answer: 8"])
+    assert reply == f"Attempt 1 was wrong.\n{p.steps[0]}\nThe answer is {p.answer}.\nAnswer: {p.answer}"
+    (prompt,), (params,) = engine.prompts, engine.params
+    assert prompt.endswith("<|assistant|><think>"), "think mode: the reply starts inside the reasoning"
+    assert "Attempt 1:\nAnswer: 7" in prompt and "Attempt 2:\nAnswer: 8" in prompt
+    assert params.temperature == 0.0 and params.max_tokens == 77
+    assert params.banned_first_token_ids, "think mode: the reasoning may not be empty"
+    assert verify(p, reply)
 
 
 def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:
@@ -157,3 +188,10 @@ def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:
         assert record["messages"][1]["content"].splitlines()[-1].startswith("Answer:"), record
     assert main([*args, "--max-tokens", "4", "--check-share", "2"]) != 0
     assert "check_share must be in [0, 1]" in capsys.readouterr().err
+    # A turbos model directory as the teacher (this random one never reaches the answer: dropped).
+    teacher = ["--teacher", "model", "--teacher-max-tokens", "8", "--max-rounds", "1"]
+    assert main([*args, "--max-tokens", "4", *teacher]) == 2
+    assert "needs --teacher-dir" in capsys.readouterr().err
+    assert main([*args, "--max-tokens", "4", *teacher, "--teacher-dir", str(directory)]) == 0
+    stats = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert stats["total"] == 4 and stats["short"] + stats["long"] + stats["dropped"] == 4

@@ -70,11 +70,13 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     from turbos.post.cot_fusion import (
         BuiltinTeacher,
         EndpointTeacher,
+        ModelTeacher,
         check_share_value,
         fuse_dataset,
         write_jsonl,
     )
     from turbos.post.evaluate import read_problems, repeated_answers
+    from turbos.serve import LLMEngine
 
     check_share_value(args.check_share)  # before minutes of generation
 
@@ -86,8 +88,17 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
         if any(not p.steps for p in problems):
             raise ValueError("the builtin teacher needs built-in problems; use --teacher-url for your own")
         teacher = BuiltinTeacher()
+    elif args.teacher == "model":
+        if not args.teacher_dir:
+            raise ValueError("--teacher model needs --teacher-dir (a turbos model directory)")
+        teacher_engine = LLMEngine.from_pretrained(args.teacher_dir, device=args.device)
+        teacher = ModelTeacher(teacher_engine, max_tokens=args.teacher_max_tokens)
     else:
-        teacher = EndpointTeacher(args.teacher_url, args.teacher_model, api_key=args.teacher_api_key)
+        if not args.teacher_url:
+            raise ValueError("--teacher endpoint needs --teacher-url (an OpenAI-compatible base URL)")
+        teacher = EndpointTeacher(
+            args.teacher_url, args.teacher_model, args.teacher_api_key, max_tokens=args.teacher_max_tokens
+        )
     engine = _load_engine(args)
     responses = repeated_answers(engine, problems, args.samples, args.temperature, args.seed, args.max_tokens)
     examples, stats = fuse_dataset(
@@ -368,10 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="built-in problems to draw")
     p.add_argument("--families", nargs="+")
     p.add_argument("--levels", nargs="+", type=int)
-    p.add_argument("--teacher", choices=["builtin", "endpoint"], default="builtin")
+    p.add_argument(
+        "--teacher",
+        choices=["builtin", "model", "endpoint"],
+        default="builtin",
+        help="builtin: our step-by-step solver; model: a turbos model directory (--teacher-dir), "
+        "in-process, in think mode; endpoint: an OpenAI-compatible server (--teacher-url)",
+    )
+    p.add_argument("--teacher-dir", help="turbos model directory of --teacher model")
     p.add_argument("--teacher-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--teacher-model", default="teacher")
+    p.add_argument("--teacher-model", default="teacher", help="model name sent to the endpoint")
     p.add_argument("--teacher-api-key", default="EMPTY")
+    p.add_argument("--teacher-max-tokens", type=int, default=512, help="tokens of each teacher continuation")
     p.add_argument("--max-rounds", type=int, default=3)
     p.add_argument(
         "--samples", type=int, default=0, help="sampled answers besides the greedy one; solved = all right"

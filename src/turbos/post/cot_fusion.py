@@ -40,9 +40,10 @@ directly".
 Reasoning data carries no mode prompt (the report stores plain <problem, response> pairs), so the
 model learns to decide on its own whether a problem needs thinking.
 
-Teachers are pluggable: ``BuiltinTeacher`` (our step-by-step solver), or anything with a
-``continue_reasoning(problem, attempts) -> str`` method, e.g. ``EndpointTeacher`` for any
-OpenAI-compatible server (a real reasoning model behind vLLM, or ``turbos serve``).
+Teachers are pluggable: ``BuiltinTeacher`` (our step-by-step solver), ``ModelTeacher`` (a turbos
+model directory, run in-process), or anything with a ``continue_reasoning(problem, attempts) ->
+str`` method, e.g. ``EndpointTeacher`` for any OpenAI-compatible server (a real reasoning model
+behind vLLM, or ``turbos serve``).
 """
 
 from __future__ import annotations
@@ -53,10 +54,16 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from turbos.data.tasks import Problem, extract_answer, render_short, verify
 from turbos.data.tokenizer import END_THINK_TOKEN, THINK_TOKEN
+from turbos.serve.chat_template import prepare_chat
+from turbos.serve.reasoning import parse_reasoning
+from turbos.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from turbos.serve import LLMEngine
 
 REFLECTION = "That is not right. Let me work it out step by step."
 CHECK = "Let me check it step by step."
@@ -101,31 +108,52 @@ class EndpointTeacher:
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
 
-    def prompt(self, problem: Problem, attempts: Sequence[str]) -> str:
-        if not attempts:
-            return f"{problem.question}\n\nReason step by step. End with a line 'Answer: <answer>'."
-        tried = "\n".join(f"Attempt {i + 1}:\n{a.strip()}" for i, a in enumerate(attempts))
-        return (
-            f"{problem.question}\n\nEarlier attempts, all wrong:\n{tried}\n\n"
-            "Reflect on the mistake, then reason step by step to the correct answer. "
-            "End with a line 'Answer: <answer>'."
-        )
-
     def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
         reply = self.client.chat.completions.create(
             model=self.model,
-            messages=[{"role": "user", "content": self.prompt(problem, attempts)}],
+            messages=[{"role": "user", "content": teacher_prompt(problem, attempts)}],
             temperature=self.temperature,
             max_tokens=self.max_tokens,
         )
         message = reply.choices[0].message
-        reasoning = getattr(message, "reasoning_content", None) or ""
-        return house_style("\n".join(part for part in (reasoning, message.content or "") if part))
+        return house_style(getattr(message, "reasoning_content", None), message.content)
 
 
-def house_style(text: str) -> str:
-    """Rewrite a teacher's output into our style: think tags removed, blank lines collapsed, and a
-    single final ``Answer:`` line (the last answer the text gives)."""
+class ModelTeacher:
+    """A turbos model directory as the teacher, run in-process (no server): the prompt and the
+    house-style rewriting of ``EndpointTeacher``, answered in ``thinking`` mode (default think),
+    greedy unless ``temperature`` > 0."""
+
+    def __init__(
+        self, engine: LLMEngine, thinking: str = "think", temperature: float = 0.0, max_tokens: int = 512
+    ) -> None:
+        self.engine, self.thinking = engine, thinking
+        self.params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+
+    def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
+        chat = prepare_chat([{"role": "user", "content": teacher_prompt(problem, attempts)}], self.thinking)
+        (result,) = self.engine.generate([chat.text], [chat.sampling_params(self.params)])
+        return house_style(*parse_reasoning(result.text, chat.mode))
+
+
+def teacher_prompt(problem: Problem, attempts: Sequence[str]) -> str:
+    """What a model teacher is asked: continue the failed attempts to the right answer, or, with
+    no attempts, reason from scratch; either way ending with an ``Answer:`` line."""
+    if not attempts:
+        return f"{problem.question}\n\nReason step by step. End with a line 'Answer: <answer>'."
+    tried = "\n".join(f"Attempt {i + 1}:\n{a.strip()}" for i, a in enumerate(attempts))
+    return (
+        f"{problem.question}\n\nEarlier attempts, all wrong:\n{tried}\n\n"
+        "Reflect on the mistake, then reason step by step to the correct answer. "
+        "End with a line 'Answer: <answer>'."
+    )
+
+
+def house_style(*parts: str | None) -> str:
+    """Rewrite a teacher's output (its parts joined, e.g. reasoning and reply) into our style: think
+    tags removed, blank lines collapsed, and a single final ``Answer:`` line (the last answer the
+    text gives)."""
+    text = "\n".join(part for part in parts if part)
     answer = extract_answer(text)
     body = text.replace(THINK_TOKEN, "").replace(END_THINK_TOKEN, "")
     body = _ANSWER_LINE.sub("", body)

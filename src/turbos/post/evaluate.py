@@ -9,7 +9,6 @@ from the built-in tasks (test split: never seen in training) or from a user JSON
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -100,15 +99,7 @@ def answer_problems(
     for index, problem in enumerate(problems):
         chat = prepare_chat([{"role": "user", "content": problem.question}], mode)
         prompts.append(chat.text)
-        params.append(
-            dataclasses.replace(
-                base,
-                stop_token_ids=chat.stop_token_ids,
-                banned_token_ids=chat.banned_token_ids,
-                banned_first_token_ids=chat.banned_first_token_ids,
-                seed=seed + index if temperature > 0 else None,
-            )
-        )
+        params.append(chat.sampling_params(base, seed=seed + index if temperature > 0 else None))
     answers = []
     for problem, result in zip(problems, engine.generate(prompts, params), strict=True):
         reasoning, content = parse_reasoning(result.text, mode)

@@ -39,11 +39,12 @@ their reasoning, which is what a training target needs. A turn's reasoning is it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from turbos.data.tokenizer import (
     ASSISTANT_TOKEN,
@@ -56,6 +57,9 @@ from turbos.data.tokenizer import (
     THINK_TOKEN,
     USER_TOKEN,
 )
+
+if TYPE_CHECKING:
+    from turbos.serve.sampling import SamplingParams
 
 THINKING_MODES = ("auto", "think", "no_think")
 _FLAGS = {"/think": "think", "/no_think": "no_think"}
@@ -181,6 +185,16 @@ class ChatPrompt:
     banned_first_token_ids: list[int]
     """In think mode, ``</think>`` and the stop tokens may not come first, so the reasoning
     cannot be empty."""
+
+    def sampling_params(self, params: SamplingParams, **changes: Any) -> SamplingParams:
+        """``params`` (plus ``changes``) with this prompt's stop and banned tokens added."""
+        return dataclasses.replace(
+            params,
+            stop_token_ids=[*params.stop_token_ids, *self.stop_token_ids],
+            banned_token_ids=[*params.banned_token_ids, *self.banned_token_ids],
+            banned_first_token_ids=[*params.banned_first_token_ids, *self.banned_first_token_ids],
+            **changes,
+        )
 
 
 def prepare_chat(messages: Sequence[Message], mode: str | None = None) -> ChatPrompt:

@@ -7,7 +7,6 @@ forgets the conversation, ``/exit`` (or end of input) leaves. Ctrl-C stops the c
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -50,13 +49,7 @@ class ChatSession:
         if room < 1:
             self.write("[the conversation no longer fits in the context; /reset to start over]\n")
             return
-        params = dataclasses.replace(
-            self.params,
-            max_tokens=min(self.params.max_tokens or room, room),
-            stop_token_ids=[*self.params.stop_token_ids, *prompt.stop_token_ids],
-            banned_token_ids=[*self.params.banned_token_ids, *prompt.banned_token_ids],
-            banned_first_token_ids=[*self.params.banned_first_token_ids, *prompt.banned_first_token_ids],
-        )
+        params = prompt.sampling_params(self.params, max_tokens=min(self.params.max_tokens or room, room))
         request_id = self.engine.add_request(prompt.text, params)
         parser = ReasoningStreamParser(prompt.mode)
         reasoning, content, thinking = "", "", False

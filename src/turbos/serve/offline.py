@@ -8,7 +8,6 @@ OpenAI API), and optionally ``id``. Output: one JSON object per input line, in o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -56,14 +55,7 @@ def generate_records(
             continue
         prompt = prepare_chat(messages, thinking)
         prompts.append(prompt.text)
-        per_request.append(
-            dataclasses.replace(
-                params,
-                stop_token_ids=[*params.stop_token_ids, *prompt.stop_token_ids],
-                banned_token_ids=[*params.banned_token_ids, *prompt.banned_token_ids],
-                banned_first_token_ids=[*params.banned_first_token_ids, *prompt.banned_first_token_ids],
-            )
-        )
+        per_request.append(prompt.sampling_params(params))
         modes.append(prompt.mode)
     results = engine.generate(prompts, per_request)
     out = []
