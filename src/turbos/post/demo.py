@@ -2,10 +2,8 @@
 
 Stages, each in its own folder under the output directory. A finished stage (its ``done.json``
 exists) is reused on a re-run unless ``fresh``, or the settings it depends on changed, or an
-earlier stage was redone:
-
-Training stages save checkpoints; one that was interrupted resumes from its latest checkpoint
-when re-run with the same settings.
+earlier stage was redone. A training stage (1, 2, 4) saves checkpoints; one that was interrupted
+resumes from its latest checkpoint when re-run with the same settings.
 
 1. ``pretrain``: the `tiny` recipe (WSD, annealing, long-context stages) on built-in text.
 2. ``sft-short``: SFT of the pre-trained model on problems with bare answers: the short-CoT model.
