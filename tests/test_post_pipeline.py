@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from serve_helpers import running_server, save_model_dir
 from turbos.cli import main
 from turbos.data.tasks import generate_problems
 from turbos.post.cot_fusion import EndpointTeacher, ModelTeacher, fuse_example
-from turbos.post.demo import DemoSettings, check_targets, run_demo
+from turbos.post.demo import DemoSettings, adaptive_sft_recipe, check_targets, run_demo
 from turbos.post.evaluate import Answer, format_table, read_problems, summarize
 from turbos.post.sft import SFTRecipe, run_sft
 from turbos.serve import LLMEngine
@@ -136,3 +137,8 @@ def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> No
     assert main(["demo", "--quick", "--out", str(out), "--check-share", "2", "--no-progress"]) != 0
     assert "fusion_check_share must be in [0, 1]" in capsys.readouterr().err
     assert not out.exists(), "nothing ran"
+
+
+def test_the_adaptive_sft_recipe_file_is_the_demos_stage() -> None:
+    recipe = SFTRecipe.load(Path(__file__).resolve().parents[1] / "recipes" / "sft-adaptive.yaml")
+    assert recipe == adaptive_sft_recipe(DemoSettings(), Path("runs/demo"))

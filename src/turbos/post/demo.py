@@ -26,6 +26,7 @@ from typing import Any
 from turbos.data.tasks import generate_problems
 from turbos.post.chat_data import general_records, short_cot_records, write_records
 from turbos.post.cot_fusion import BuiltinTeacher, fuse_dataset, write_jsonl
+from turbos.post.sft import SFTRecipe
 from turbos.train.plots import pyplot, save_figure
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
@@ -149,11 +150,50 @@ def _stage(
     return result, True
 
 
+def _sft_recipe(
+    settings: DemoSettings, out: Path, name: str, start: Path, data: list[dict], steps: int, loss: str
+) -> SFTRecipe:
+    return SFTRecipe(
+        model=str(start),
+        data=data,
+        output_dir=str(out / name),
+        max_len=512,
+        batch_size=settings.sft_batch,
+        steps=steps,
+        lr=settings.sft_lr,
+        min_lr=settings.sft_lr / 10,
+        warmup_steps=max(1, steps // 20),
+        seed=settings.seed,
+        loss_normalization=loss,
+        checkpoint_interval=max(1, steps // 10),
+    )
+
+
+def short_sft_recipe(settings: DemoSettings, out: Path) -> SFTRecipe:
+    """Stage 2: the pre-trained model on problems with bare answers."""
+    data = [{"path": str(out / "sft-short" / "short_cot.jsonl")}]
+    start = out / "pretrain" / "model"
+    return _sft_recipe(settings, out, "sft-short", start, data, settings.short_steps, "token")
+
+
+def adaptive_sft_recipe(settings: DemoSettings, out: Path) -> SFTRecipe:
+    """Stage 4: the fused data (weight 4) plus general chats (weight 1); ``recipes/sft-adaptive.yaml``
+    is this recipe for ``runs/demo`` with the default settings."""
+    data = [
+        {"path": str(out / "fusion" / "fused.jsonl"), "weight": 4.0},
+        {"path": str(out / "fusion" / "general.jsonl"), "weight": 1.0},
+    ]
+    start = out / ("pretrain" if settings.adaptive_from == "base" else "sft-short") / "model"
+    return _sft_recipe(
+        settings, out, "sft-adaptive", start, data, settings.adaptive_steps, settings.adaptive_loss
+    )
+
+
 def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progress: bool = True) -> dict:
     """Run (or resume) every stage; returns the evaluation results with the target checks."""
     from turbos.model import TurboSForCausalLM
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table
-    from turbos.post.sft import SFTRecipe, export_model, run_sft
+    from turbos.post.sft import export_model, run_sft
     from turbos.serve import LLMEngine
     from turbos.train.checkpoint import latest_checkpoint
     from turbos.train.recipe import load_recipe
@@ -186,32 +226,17 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         export_model(TurboSForCausalLM.from_pretrained(checkpoint), load_tokenizer(checkpoint), base_model)
         return {"val_loss": summary["val_loss"], "steps": summary["steps"], "model": str(base_model)}
 
-    def sft(
-        name: str, data: list[dict], steps: int, resume: bool, start: Path = base_model, loss: str = "token"
-    ) -> dict:
-        recipe = SFTRecipe(
-            model=str(start),
-            data=data,
-            output_dir=str(out / name),
-            max_len=512,
-            batch_size=settings.sft_batch,
-            steps=steps,
-            lr=settings.sft_lr,
-            min_lr=settings.sft_lr / 10,
-            warmup_steps=max(1, steps // 20),
-            seed=settings.seed,
-            loss_normalization=loss,
-            checkpoint_interval=max(1, steps // 10),
-        )
-        return run_sft(recipe, progress, resume=resume_point(out / name, resume), overwrite=True)
+    def sft(recipe: SFTRecipe, resume: bool) -> dict:
+        where = resume_point(Path(recipe.output_dir), resume)
+        return run_sft(recipe, progress, resume=where, overwrite=True)
 
     def short_sft(resume: bool) -> dict:
         problems = generate_problems(
             settings.short_problems, families=fams, levels=levels, seed=settings.seed + 1
         )
-        path = out / "sft-short" / "short_cot.jsonl"
-        write_records(short_cot_records(problems), path)
-        return sft("sft-short", [{"path": str(path)}], settings.short_steps, resume)
+        recipe = short_sft_recipe(settings, out)
+        write_records(short_cot_records(problems), recipe.data[0].path)
+        return sft(recipe, resume)
 
     def fusion(_resume: bool) -> dict:
         from turbos.post.evaluate import repeated_answers
@@ -233,12 +258,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         return stats.to_dict()
 
     def adaptive_sft(resume: bool) -> dict:
-        data = [
-            {"path": str(out / "fusion" / "fused.jsonl"), "weight": 4.0},
-            {"path": str(out / "fusion" / "general.jsonl"), "weight": 1.0},
-        ]
-        start = base_model if settings.adaptive_from == "base" else out / "sft-short" / "model"
-        return sft("sft-adaptive", data, settings.adaptive_steps, resume, start, settings.adaptive_loss)
+        return sft(adaptive_sft_recipe(settings, out), resume)
 
     def evaluate(_resume: bool) -> dict:
         engine = LLMEngine.from_pretrained(out / "sft-adaptive" / "model", max_running=64, seed=settings.seed)
