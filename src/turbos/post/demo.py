@@ -206,11 +206,12 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
     base_model = out / "pretrain" / "model"
 
     def resume_point(run_dir: Path, resume: bool) -> str | None:
-        """'auto' when an interrupted run of this stage left a checkpoint, else None (start afresh)."""
+        """The checkpoint an interrupted run of this stage left, else None (start afresh)."""
         latest = latest_checkpoint(run_dir) if resume else None
-        if latest is not None:
-            print(f"      resuming from {latest}", flush=True)
-        return None if latest is None else "auto"
+        if latest is None:
+            return None
+        print(f"      resuming from {latest}", flush=True)
+        return str(latest)
 
     def pretrain(resume: bool) -> dict:
         if not RECIPE.is_file():

@@ -104,7 +104,7 @@ def oracle_frontier(choices: Sequence[Choice]) -> list[tuple[float, float]]:
     correct = tokens = 0
     switches = []
     for c in choices:
-        options = sorted((c.routed(think)[1], c.routed(think)[0]) for think in (False, True))
+        options = sorted((tokens, ok) for ok, tokens in (c.routed(False), c.routed(True)))
         (cheap_tokens, cheap_ok), (dear_tokens, dear_ok) = options
         correct += cheap_ok
         tokens += cheap_tokens

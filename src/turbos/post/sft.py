@@ -316,8 +316,9 @@ def run_sft(
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
     checkpoint = open_run_dir(out, resume, overwrite)
+    current = _recipe_state(recipe)
     if checkpoint is not None:
-        saved, current = read_trainer_state(checkpoint).get("recipe", {}), _recipe_state(recipe)
+        saved = read_trainer_state(checkpoint).get("recipe", {})
         changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
         if changed:
             raise ValueError(f"checkpoint {checkpoint} was trained with a different recipe: {changed} differ")
@@ -399,7 +400,7 @@ def run_sft(
         if (recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0) or (
             done == end < recipe.steps
         ):
-            trainer_state = {"step": done, "tokens": tokens, "recipe": _recipe_state(recipe)}
+            trainer_state = {"step": done, "tokens": tokens, "recipe": current}
             save_checkpoint(
                 out, done, model, optimizer, trainer_state, tokenizer_dir, keep_last=recipe.keep_last
             )
