@@ -75,6 +75,11 @@ def test_summary_and_targets_follow_the_definitions() -> None:
         format_table(results, by="family")
     targets = check_targets(results)
     assert all(t["met"] for t in targets.values()), targets
+    assert [t["values"] for t in targets.values()] == [
+        {"think_gain_hardest": 1.0},
+        {"auto_minus_think": 0.0, "token_ratio": pytest.approx(42.5 / 90)},
+        {"think_rate_hardest": 1.0, "think_rate_easiest": 0.0},
+    ]
     results["auto"]["by_level"]["1"]["think_rate"] = 0.5
     assert not check_targets(results)["auto thinks on >= 80% of the hardest and <= 20% of the easiest"]["met"]
 
@@ -93,6 +98,7 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     outcome = run_demo(out, DemoSettings.quick(), progress=False)
     for name in ("report.md", "results.json", "accuracy_vs_tokens.png", "think_rate.png"):
         assert (out / name).is_file(), name
+    assert DemoSettings.load(out / "settings.json") == DemoSettings.quick()
     report = (out / "report.md").read_text()
     assert "By family and level" in report and "best per-problem choice" in report
     results = outcome["eval"]["results"]
@@ -133,9 +139,26 @@ def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> No
         DemoSettings(adaptive_loss="mean")
     with pytest.raises(ValueError, match="fusion_check_share"):
         DemoSettings(fusion_check_share=1.5)
+    changed = DemoSettings().with_overrides(["adaptive_loss=token", "adaptive_steps=800", "levels=[1, 2]"])
+    assert (changed.adaptive_loss, changed.adaptive_steps, changed.levels) == ("token", 800, (1, 2))
+    assert DemoSettings().with_overrides(["sft_lr=1"]).sft_lr == 1.0
+    for bad, message in (
+        ("adaptive_stepz=3", "unknown demo setting 'adaptive_stepz'"),
+        ("adaptive_steps=many", "adaptive_steps must be int"),
+        ("levels=[1, two]", "levels must be a list of int"),
+        ("adaptive_loss", "must look like key=value"),
+        ("adaptive_loss=mean", "adaptive_loss must be"),
+        ("families=[add, sort]", "unknown task family 'sort'"),
+        ("levels=[]", "must not be empty"),
+        ("adaptive_steps=0", "adaptive_steps must be at least 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DemoSettings().with_overrides([bad])
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--check-share", "2", "--no-progress"]) != 0
     assert "fusion_check_share must be in [0, 1]" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out), "short_steps=-", "--no-progress"]) != 0
+    assert "short_steps must be int" in capsys.readouterr().err
     assert not out.exists(), "nothing ran"
 
 

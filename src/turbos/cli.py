@@ -37,15 +37,12 @@ def _layer_summary(config) -> dict[str, int]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from turbos.post.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    changes = {"seed": args.seed, "adaptive_from": args.adaptive_from}
-    if args.check_share is not None:
-        changes["fusion_check_share"] = args.check_share
-    settings = dataclasses.replace(settings, **changes)  # validated again
+    flags = {"seed": args.seed, "adaptive_from": args.adaptive_from, "fusion_check_share": args.check_share}
+    settings = settings.replaced({k: v for k, v in flags.items() if v is not None})
+    settings = settings.with_overrides(args.overrides)
     run_demo(args.out, settings, fresh=args.fresh, progress=not args.no_progress)  # prints the targets
     print(f"report: {args.out}/report.md")
     return 0
@@ -350,17 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (stages are reused on a re-run)")
     p.add_argument("--quick", action="store_true", help="minutes-long smoke run of every stage")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
     p.add_argument(
         "--adaptive-from",
         choices=["base", "short"],
-        default="base",
         help="start the adaptive SFT from the pre-trained model (the report) or the short-CoT model",
     )
     p.add_argument(
         "--check-share",
         type=float,
         help="share of solved fusion problems checked in a think block (default 0; see README)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="any turbos.post.demo.DemoSettings field, e.g. adaptive_loss=token adaptive_steps=800",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)

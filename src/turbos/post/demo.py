@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from turbos.data.tasks import generate_problems
 from turbos.post.chat_data import general_records, short_cot_records, write_records
@@ -71,6 +73,47 @@ class DemoSettings:
             raise ValueError(f"adaptive_loss must be 'token' or 'sequence', got {self.adaptive_loss!r}")
         if not 0.0 <= self.fusion_check_share <= 1.0:
             raise ValueError(f"fusion_check_share must be in [0, 1], got {self.fusion_check_share}")
+        if not self.families or not self.levels:
+            raise ValueError("families and levels must not be empty")
+        generate_problems(0, families=self.families, levels=self.levels)  # unknown ones fail here
+        for name in ("short_problems", "short_steps", "fusion_problems", "adaptive_steps", "sft_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DemoSettings:
+        """The settings a demo run saved (its ``settings.json``)."""
+        return cls().replaced(json.loads(Path(path).read_text()))
+
+    def replaced(self, changes: dict[str, Any]) -> DemoSettings:
+        """A copy with ``changes`` (from JSON or YAML: lists for tuples), type-checked by field."""
+        known = {f.name: getattr(self, f.name) for f in fields(self)}
+        checked = {}
+        for key, value in changes.items():
+            if key not in known:
+                raise ValueError(f"unknown demo setting {key!r}; valid: {sorted(known)}")
+            default = known[key]
+            if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+                kind = _ITEM_TYPES[key]
+                if any(type(item) is not kind for item in value):
+                    raise ValueError(f"demo setting {key} must be a list of {kind.__name__}, got {value!r}")
+                value = type(default)(value)
+            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not type(default):
+                raise ValueError(f"demo setting {key} must be {type(default).__name__}, got {value!r}")
+            checked[key] = value
+        return replace(self, **checked)  # __post_init__ checks the values
+
+    def with_overrides(self, overrides: list[str]) -> DemoSettings:
+        """``key=value`` strings (values parsed as YAML), e.g. ``adaptive_loss=token``."""
+        changes = {}
+        for item in overrides:
+            key, eq, text = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"demo override {item!r} must look like key=value")
+            changes[key.strip()] = yaml.safe_load(text)
+        return self.replaced(changes)
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -98,6 +141,8 @@ class DemoSettings:
             max_tokens=48,
         )
 
+
+_ITEM_TYPES = {"families": str, "levels": int, "pretrain_overrides": str}  # DemoSettings' sequences
 
 # The settings each stage depends on (a change redoes that stage and every later one).
 STAGE_SETTINGS = {
@@ -192,7 +237,6 @@ def adaptive_sft_recipe(settings: DemoSettings, out: Path) -> SFTRecipe:
 def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progress: bool = True) -> dict:
     """Run (or resume) every stage; returns the evaluation results with the target checks."""
     from turbos.model import TurboSForCausalLM
-    from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table
     from turbos.post.sft import export_model, run_sft
     from turbos.serve import LLMEngine
     from turbos.train.checkpoint import latest_checkpoint
@@ -262,16 +306,7 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         return sft(adaptive_sft_recipe(settings, out), resume)
 
     def evaluate(_resume: bool) -> dict:
-        engine = LLMEngine.from_pretrained(out / "sft-adaptive" / "model", max_running=64, seed=settings.seed)
-        problems = builtin_problems(
-            settings.eval_per_level * len(fams) * len(levels), fams, levels, settings.seed
-        )
-        results, answers = evaluate_modes(
-            engine, problems, ("no_think", "think", "auto"), settings.max_tokens
-        )
-        with (out / "eval" / "answers.jsonl").open("w") as f:
-            f.writelines(json.dumps(a.row()) + "\n" for a in answers)
-        return {"results": results, "targets": check_targets(results), "table": format_table(results)}
+        return evaluate_adaptive(out / "sft-adaptive" / "model", settings, out / "eval")
 
     stages = [
         ("pretrain", "pre-train tiny", pretrain),
@@ -295,6 +330,27 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
     return outcome
 
 
+def evaluate_adaptive(model_dir: Path, settings: DemoSettings, out: Path) -> dict[str, Any]:
+    """Stage 5 on any adaptive model: the held-out problems in no_think, think and auto (greedy).
+
+    Writes ``out/answers.jsonl`` (every answer); returns the results, the target checks and the
+    table.
+    """
+    from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table
+    from turbos.serve import LLMEngine
+
+    fams, levels = list(settings.families), list(settings.levels)
+    engine = LLMEngine.from_pretrained(model_dir, max_running=64, seed=settings.seed)
+    problems = builtin_problems(
+        settings.eval_per_level * len(fams) * len(levels), fams, levels, settings.seed
+    )
+    results, answers = evaluate_modes(engine, problems, ("no_think", "think", "auto"), settings.max_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "answers.jsonl").open("w") as f:
+        f.writelines(json.dumps(a.row()) + "\n" for a in answers)
+    return {"results": results, "targets": check_targets(results), "table": format_table(results)}
+
+
 def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The issue's three claims about the adaptive model, measured."""
     levels = sorted(results["auto"]["by_level"], key=int)
@@ -308,14 +364,17 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "think beats no_think by >= 20 points on the hardest level": {
             "met": gain >= 0.20,
             "measured": f"{gain * 100:+.1f} points at level {hard}",
+            "values": {"think_gain_hardest": gain},
         },
         "auto within 3 points of think overall, with <= 60% of its tokens": {
             "met": gap <= 0.03 and token_ratio <= 0.60,
             "measured": f"auto {gap * -100:+.1f} points vs think, {token_ratio * 100:.0f}% of think's tokens",
+            "values": {"auto_minus_think": -gap, "token_ratio": token_ratio},
         },
         "auto thinks on >= 80% of the hardest and <= 20% of the easiest": {
             "met": hard_rate >= 0.8 and easy_rate <= 0.2,
             "measured": f"{hard_rate * 100:.0f}% at level {hard}, {easy_rate * 100:.0f}% at level {easy}",
+            "values": {"think_rate_hardest": hard_rate, "think_rate_easiest": easy_rate},
         },
     }
 
