@@ -155,6 +155,8 @@ def test_pydocs_reads_docstrings_in_source_order(tmp_path):
     (tmp_path / "tests" / "test_mod.py").write_text('"""Left out."""\n', encoding="utf-8")
     expected = ["Module doc.", "Class doc.", "Method doc.", "Nested doc."]
     assert list(PythonDocstrings(str(tmp_path))) == expected
+    (tmp_path / "mod.py").write_text('"""Changed."""\n', encoding="utf-8")
+    assert list(PythonDocstrings(str(tmp_path))) == expected, "read once per process, then kept"
 
 
 def test_pydocs_reads_the_standard_library_deterministically():

@@ -2,7 +2,8 @@
 
 - `PythonDocstrings` (`builtin:pydocs`): the docstrings of the Python standard library installed
   on this machine (`sysconfig.get_paths()["stdlib"]`), read by parsing each module with `ast`,
-  one document per module, class or function docstring, in sorted-path then source order.
+  one document per module, class or function docstring, in sorted-path then source order; read
+  once per process and root, then kept.
   Test suites, site-packages and files that do not parse on this interpreter are left out.
   That is roughly 2 MB of English prose about programming on CPython 3.11.
 - `ReasoningDocs` (`builtin:reasoning`): worked solutions of the built-in reasoning tasks
@@ -13,9 +14,10 @@
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,20 +44,35 @@ class PythonDocstrings:
     root: str | None = None
 
     def files(self) -> list[Path]:
-        root = Path(self.root or sysconfig.get_paths()["stdlib"])
-        if not root.is_dir():
-            raise FileNotFoundError(f"no directory {str(root)!r} to read Python docstrings from")
-        return sorted(p for p in root.rglob("*.py") if not _SKIPPED_DIRS & set(p.relative_to(root).parts))
+        return list(_python_files(self.root or sysconfig.get_paths()["stdlib"]))
 
     def __iter__(self) -> Iterator[str]:
-        for path in self.files():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # e.g. invalid escape sequences in old modules
-                    tree = ast.parse(path.read_bytes())
-            except (SyntaxError, ValueError):
-                continue  # written for another Python version; documented above
-            yield from _docstrings(tree)
+        return iter(_read_docstrings(self.root or sysconfig.get_paths()["stdlib"]))
+
+
+# Both are kept per root: a training run reads the corpus once for its tokenizer and again for
+# every stage's stream and validation batches.
+@functools.lru_cache(maxsize=2)
+def _python_files(root: str) -> tuple[Path, ...]:
+    top = Path(root)
+    if not top.is_dir():
+        raise FileNotFoundError(f"no directory {root!r} to read Python docstrings from")
+    return tuple(sorted(p for p in top.rglob("*.py") if not _SKIPPED_DIRS & set(p.relative_to(top).parts)))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_docstrings(root: str) -> tuple[str, ...]:
+    """Every docstring of the files under ``root``, in order."""
+    found: list[str] = []
+    for path in _python_files(root):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. invalid escape sequences in old modules
+                tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue  # written for another Python version; documented above
+        found.extend(_docstrings(tree))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -68,5 +85,15 @@ class ReasoningDocs:
     levels: tuple[int, ...] | None = None
 
     def __iter__(self) -> Iterator[str]:
-        problems = generate_problems(self.n, families=self.families, levels=self.levels, seed=self.seed)
-        return map(render_document, problems)
+        def frozen(items: Sequence | None) -> tuple | None:
+            return None if items is None else tuple(items)
+
+        return iter(_reasoning_documents(self.n, self.seed, frozen(self.families), frozen(self.levels)))
+
+
+@functools.lru_cache(maxsize=8)
+def _reasoning_documents(
+    n: int, seed: int, families: tuple[str, ...] | None, levels: tuple[int, ...] | None
+) -> tuple[str, ...]:
+    """Rendered problems of `ReasoningDocs`: generating them is slow, and they never change."""
+    return tuple(map(render_document, generate_problems(n, families=families, levels=levels, seed=seed)))

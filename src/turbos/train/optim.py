@@ -89,11 +89,15 @@ def build_optimizer(
     expert_scale: float = 1.0,
     decay_embeddings: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``; every group starts at lr * lr_scale."""
+    """AdamW over ``param_groups``; every group starts at lr * lr_scale.
+
+    ``foreach`` (one multi-tensor kernel per group) is PyTorch's default on GPUs only; on CPU it
+    gives the same values as the per-tensor loop, in fewer calls.
+    """
     groups = param_groups(model, weight_decay, expert_scale, decay_embeddings)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
