@@ -72,3 +72,23 @@ def test_groups_get_scaled_lrs_and_weight_decay() -> None:
     decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
     assert decay == {"decay": 0.1, "no_decay": 0.0, "experts": 0.1}
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_foreach_adamw_matches_the_per_tensor_loop_bit_for_bit() -> None:
+    """build_optimizer asks for foreach (not PyTorch's CPU default); the values must not change."""
+    torch.manual_seed(0)
+    models = [TurboSForCausalLM(small_config()) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fast, plain = (build_optimizer(model, lr=1e-2, expert_scale=0.5) for model in models)
+    assert all(group["foreach"] for group in fast.param_groups)
+    for group in plain.param_groups:
+        group["foreach"] = False
+    ids = torch.randint(0, models[0].config.vocab_size, (2, 16))
+    for step in range(3):
+        for model, optimizer in zip(models, (fast, plain), strict=True):
+            torch.manual_seed(step)  # the same draws for both (a training forward may use the RNG)
+            optimizer.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
