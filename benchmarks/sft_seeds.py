@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
 from turbos.post.demo import DemoSettings, adaptive_sft_recipe, check_targets, evaluate_adaptive  # noqa: E402
-from turbos.post.sft import run_sft  # noqa: E402
+from turbos.post.sft import recipe_state, run_sft  # noqa: E402
 from turbos.train.checkpoint import latest_checkpoint  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
@@ -40,16 +40,15 @@ COLUMNS = (  # (key in the targets' values, header, scale)
 
 def seed_result(run: Path, settings: DemoSettings, seed: int, progress: bool) -> dict:
     """Evaluation results (by mode) of the adaptive SFT with this seed; trains it if needed."""
-    recipe = adaptive_sft_recipe(settings, run)
-    demo_eval = run / "eval" / "done.json"
     if seed == settings.seed:
+        demo_eval = run / "eval" / "done.json"
         if not demo_eval.is_file():
             raise SystemExit(f"{demo_eval} not found: finish `turbos demo --out {run}` first")
         return json.loads(demo_eval.read_text())["results"]
     folder = run / "sft-seeds" / f"seed-{seed}"
-    recipe = replace(recipe, seed=seed, output_dir=str(folder))
+    recipe = replace(adaptive_sft_recipe(settings, run), seed=seed, output_dir=str(folder))
     saved = folder / "eval.json"
-    key = json.loads(json.dumps(asdict(recipe), default=str))
+    key = recipe_state(recipe)
     if saved.is_file() and (done := json.loads(saved.read_text())).get("recipe") == key:
         print(f"seed {seed}: reusing {folder}")
         return done["results"]

@@ -17,7 +17,7 @@ import ast
 import functools
 import sysconfig
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +85,9 @@ class ReasoningDocs:
     levels: tuple[int, ...] | None = None
 
     def __iter__(self) -> Iterator[str]:
-        def frozen(items: Sequence | None) -> tuple | None:
-            return None if items is None else tuple(items)
-
-        return iter(_reasoning_documents(self.n, self.seed, frozen(self.families), frozen(self.levels)))
+        families = None if self.families is None else tuple(self.families)  # hashable for the cache
+        levels = None if self.levels is None else tuple(self.levels)
+        return iter(_reasoning_documents(self.n, self.seed, families, levels))
 
 
 @functools.lru_cache(maxsize=8)

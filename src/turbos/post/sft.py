@@ -291,7 +291,8 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def _recipe_state(recipe: SFTRecipe) -> dict[str, Any]:
+def recipe_state(recipe: SFTRecipe) -> dict[str, Any]:
+    """What identifies a run's training (JSON types): the recipe less ``RESUMABLE_CHANGES``."""
     state = json.loads(json.dumps(asdict(recipe)))
     return {key: value for key, value in state.items() if key not in RESUMABLE_CHANGES}
 
@@ -316,7 +317,7 @@ def run_sft(
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
     checkpoint = open_run_dir(out, resume, overwrite)
-    current = _recipe_state(recipe)
+    current = recipe_state(recipe)
     if checkpoint is not None:
         saved = read_trainer_state(checkpoint).get("recipe", {})
         changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
