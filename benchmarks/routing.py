@@ -9,7 +9,9 @@ auto) and its adaptive model, then compares, as (accuracy, tokens as a share of 
 - the fusion rule applied perfectly: think exactly where the direct answer is wrong;
 - difficulty rules: think exactly on the problems of level >= k;
 - the oracle frontier (``turbos.post.routing``): per problem the cheaper answer, then the
-  cheapest switches to the right one; no router of these two answers does better.
+  cheapest switches to the right one; no router of these two answers does better;
+- the same oracle held to the thinking-rate target (>= 80% of the hardest level, <= 20% of the
+  easiest), so that it could meet all three targets at once.
 
     python benchmarks/routing.py [--run runs/demo] [--name routing]
 
@@ -28,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
 from turbos.data.tokenizer import load_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
+from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO, target_think_bounds  # noqa: E402
 from turbos.post.routing import (  # noqa: E402
+    describe_bounds,
     outcome_counts,
     paired,
     routed,
@@ -38,7 +42,6 @@ from turbos.post.routing import (  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-MAX_DROP, MAX_TOKEN_RATIO = 0.03, 0.60
 
 
 def main() -> None:
@@ -54,7 +57,8 @@ def main() -> None:
     choices = paired(rows)
     auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
     n = len(choices)
-    summary = routing_summary(choices, MAX_DROP)
+    bounds = target_think_bounds(c.level for c in choices)
+    summary = routing_summary(choices, MAX_DROP, bounds)
     think_tokens, think_accuracy = summary["think_tokens"], summary["think_accuracy"]
 
     model_dir = run / "sft-adaptive" / "model"
@@ -73,6 +77,7 @@ def main() -> None:
     fusion_rule = summary["fusion_rule"]
     thresholds = {tau: point(*routed(choices, [p < tau for p in p_skip])) for tau in TAUS}
     frontier = [point(*p) for p in summary["oracle_frontier"]]
+    bounded_frontier = [point(*p) for p in summary.get("bounded_oracle_frontier", [])]
     in_target = [
         tau
         for tau, p in thresholds.items()
@@ -109,6 +114,12 @@ def main() -> None:
         f"oracle: within {MAX_DROP:.0%} of think at "
         + ("(out of reach)" if oracle is None else f"{oracle:.0%} of its tokens")
     )
+    if bounds:
+        bounded = summary["bounded_oracle_token_ratio"]
+        print(
+            f"oracle {describe_bounds(bounds)}: within {MAX_DROP:.0%} of think at "
+            + ("(out of reach)" if bounded is None else f"{bounded:.0%} of its tokens")
+        )
     print(f"thresholds inside the target region: {in_target or 'none'}")
 
     payload = {
@@ -127,8 +138,11 @@ def main() -> None:
         "level_rules": summary["level_rules"],
         "thresholds": {str(tau): p for tau, p in thresholds.items()},
         "oracle_token_ratio_within_3_points": oracle,
+        "think_bounds": summary.get("think_bounds"),
+        "bounded_oracle_token_ratio_within_3_points": summary.get("bounded_oracle_token_ratio"),
         "thresholds_in_target": in_target,
         "oracle_frontier": frontier,
+        "bounded_oracle_frontier": bounded_frontier,
     }
     write_json(f"{args.name}.json", payload)
     plot(payload, RESULTS / f"{args.name}.png")
@@ -148,6 +162,15 @@ def plot(payload: dict, path: Path) -> None:
         color="tab:gray",
         label="oracle router (best possible)",
     )
+    bounded = payload["bounded_oracle_frontier"]
+    if bounded:
+        ax.plot(
+            [p["token_ratio"] * 100 for p in bounded],
+            [p["accuracy"] * 100 for p in bounded],
+            color="tab:olive",
+            ls="--",
+            label="oracle, thinking on >= 80% of hardest, <= 20% of easiest",
+        )
     thresholds = list(payload["thresholds"].values())
     ax.plot(
         [p["token_ratio"] * 100 for p in thresholds],

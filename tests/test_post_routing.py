@@ -28,11 +28,11 @@ from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.chat_template import prepare_chat
 
 
-def random_choices(n: int, rng: random.Random) -> list[Choice]:
+def random_choices(n: int, rng: random.Random, levels: int = 1) -> list[Choice]:
     return [
         Choice(
             f"p{i}",
-            1,
+            rng.randint(1, levels),
             f"q{i}",
             rng.random() < 0.4,
             rng.randint(3, 12),
@@ -56,6 +56,44 @@ def test_oracle_frontier_is_the_fewest_tokens_at_each_accuracy() -> None:
             fewest = min(t for a, t in best.items() if a >= accuracy - 1e-12)
             assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest), (accuracy, choices)
         assert fewest_tokens(frontier, max(best) + 0.01) is None, "no routing beats every right answer"
+
+
+def within_bounds(choices: list[Choice], think: tuple[bool, ...], bounds: dict) -> bool:
+    for level, (lo, hi) in bounds.items():
+        picks = [t for c, t in zip(choices, think, strict=True) if c.level == level]
+        if not lo - 1e-9 <= sum(picks) / len(picks) <= hi + 1e-9:
+            return False
+    return True
+
+
+def test_bounded_oracle_is_the_fewest_tokens_among_routings_within_the_thinking_rates() -> None:
+    rng = random.Random(1)
+    for trial in range(30):
+        choices = random_choices(9, rng, levels=3)
+        levels = sorted({c.level for c in choices})
+        bounds = {levels[-1]: (0.8, 1.0), levels[0]: (0.0, 0.2)} if len(levels) > 1 else {1: (0.5, 1.0)}
+        if trial % 3 == 0:  # the unbounded dynamic program must match the greedy frontier
+            bounds = {levels[0]: (0.0, 1.0)}
+
+        best: dict[float, float] = {}
+        for think in itertools.product((False, True), repeat=len(choices)):
+            if within_bounds(choices, think, bounds):
+                accuracy, tokens = routed(choices, think)
+                best[accuracy] = min(best.get(accuracy, math.inf), tokens)
+        frontier = oracle_frontier(choices, bounds)
+        assert [a for a, _ in frontier] == sorted(a for a, _ in frontier)
+        for accuracy in best:
+            fewest = min(t for a, t in best.items() if a >= accuracy - 1e-12)
+            assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest), (accuracy, bounds, choices)
+        assert fewest_tokens(frontier, max(best) + 0.01) is None
+        if trial % 3 == 0:
+            greedy = oracle_frontier(choices)
+            for accuracy in best:
+                assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest_tokens(greedy, accuracy))
+    choices = random_choices(3, rng)
+    assert oracle_frontier(choices, {1: (0.5, 0.6)}) == [], "no routing thinks on 50-60% of 3 problems"
+    with pytest.raises(ValueError, match=r"levels with no problems: \[7\]"):
+        oracle_frontier(choices, {7: (0.0, 1.0)})
 
 
 def test_routing_counts_auto_tokens_and_pairs_answers() -> None:
@@ -119,5 +157,6 @@ def test_turbos_eval_prints_the_routing_summary(tmp_path, capsys) -> None:
     assert main([*args, "--max-tokens", "4", "--modes", "no_think", "think"]) == 0
     printed = capsys.readouterr().out
     assert "right in both modes" in printed and "best per-problem choice" in printed
+    assert "- the same, thinking on 80-100% of level 2 and 0-20% of level 1: " in printed
     assert main([*args, "--max-tokens", "4", "--modes", "no_think"]) == 0
     assert "best per-problem choice" not in capsys.readouterr().out, "needs both modes"

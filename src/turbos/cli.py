@@ -108,6 +108,7 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from turbos.post.demo import MAX_DROP, target_think_bounds
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
     from turbos.post.routing import routing_report
 
@@ -121,7 +122,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     by = "family_level" if args.by_family else "level"
     print(json.dumps(results, indent=2) if args.json else format_table(results, by=by))
     if not args.json and {"no_think", "think"} <= set(args.modes):
-        print("\n" + "\n".join(routing_report(a.row() for a in answers)).rstrip())
+        rows = [a.row() for a in answers]
+        bounds = target_think_bounds(r["level"] for r in rows)
+        print("\n" + "\n".join(routing_report(rows, MAX_DROP, bounds)).rstrip())
     return 0
 
 

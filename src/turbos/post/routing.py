@@ -7,13 +7,18 @@ better than the *oracle frontier*: start from the cheaper answer of every proble
 the dearer one, cheapest switch first, where only the dearer one is right. Each switch gains one
 right answer, so this order gives the fewest tokens for every accuracy.
 
+The oracle can also be held to thinking rates per level (``think_bounds``, e.g. the issue's "think
+on >= 80% of the hardest problems and <= 20% of the easiest"); then an exact dynamic program over
+(right answers, thinking answers) per level replaces the greedy order.
+
 Comparing auto with the oracle (and with thresholds on the model's own probability of skipping)
 tells whether a missed token target comes from what the model can answer or from when it thinks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,9 @@ from turbos.serve.chat_template import prepare_chat
 # Tokens auto generates beyond the primed modes: "<think></think>" before a direct answer (no_think
 # primes both), "<think>" before thinking (think primes it).
 AUTO_DIRECT_EXTRA, AUTO_THINK_EXTRA = 2, 1
+
+ThinkBounds = Mapping[int, tuple[float, float]]
+"""level -> (least, most) share of its problems on which a router thinks."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +106,13 @@ def routed(choices: Sequence[Choice], think: Sequence[bool]) -> tuple[float, flo
     return sum(ok for ok, _ in results) / n, sum(tokens for _, tokens in results) / n
 
 
-def oracle_frontier(choices: Sequence[Choice]) -> list[tuple[float, float]]:
-    """(accuracy, mean tokens) of the cheapest per-problem choices at each reachable accuracy."""
+def oracle_frontier(
+    choices: Sequence[Choice], think_bounds: ThinkBounds | None = None
+) -> list[tuple[float, float]]:
+    """(accuracy, mean tokens) of the cheapest per-problem choices at each reachable accuracy;
+    with ``think_bounds``, only among routings that think on those shares of those levels."""
+    if think_bounds:
+        return _bounded_frontier(choices, think_bounds)
     n = max(len(choices), 1)
     correct = tokens = 0
     switches = []
@@ -117,6 +130,51 @@ def oracle_frontier(choices: Sequence[Choice]) -> list[tuple[float, float]]:
     return frontier
 
 
+def _level_costs(choices: Sequence[Choice], least: float, most: float) -> list[float]:
+    """Fewest tokens for exactly k right answers (index k) on these problems, thinking on a share
+    in [least, most] of them; inf where impossible."""
+    n = len(choices)
+    # cost[k, t]: fewest tokens with k right answers and t thinking answers so far
+    cost = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
+    cost[0, 0] = 0.0
+    for c in choices:
+        step = torch.full_like(cost, math.inf)
+        for think in (False, True):
+            ok, tokens = c.routed(think)
+            shifted = torch.full_like(cost, math.inf)
+            shifted[int(ok) :, int(think) :] = cost[: n + 1 - ok, : n + 1 - think] + tokens
+            step = torch.minimum(step, shifted)
+        cost = step
+    low, high = math.ceil(least * n - 1e-9), math.floor(most * n + 1e-9)
+    if low > high:
+        return [math.inf] * (n + 1)
+    return cost[:, low : high + 1].amin(dim=1).tolist()
+
+
+def _bounded_frontier(choices: Sequence[Choice], think_bounds: ThinkBounds) -> list[tuple[float, float]]:
+    by_level: dict[int, list[Choice]] = {}
+    for c in choices:
+        by_level.setdefault(c.level, []).append(c)
+    unknown = set(think_bounds) - set(by_level)
+    if unknown:
+        raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
+    total = [0.0]  # fewest tokens for exactly k right answers over the levels so far
+    for level, group in by_level.items():
+        costs = _level_costs(group, *think_bounds.get(level, (0.0, 1.0)))
+        merged = [math.inf] * (len(total) + len(costs) - 1)
+        for k, base in enumerate(total):
+            for j, extra in enumerate(costs):
+                merged[k + j] = min(merged[k + j], base + extra)
+        total = merged
+    n = max(len(choices), 1)
+    frontier, best = [], math.inf
+    for k in reversed(range(len(total))):  # at least k right: the cheapest from k up
+        if total[k] < best:
+            best = total[k]
+            frontier.append((k / n, best / n))
+    return frontier[::-1]
+
+
 def fewest_tokens(frontier: Sequence[tuple[float, float]], accuracy: float) -> float | None:
     """Mean tokens of the first frontier point with at least ``accuracy`` (None: out of reach)."""
     return next((tokens for acc, tokens in frontier if acc >= accuracy - 1e-12), None)
@@ -132,34 +190,62 @@ def level_rules(choices: Sequence[Choice], think_tokens: float) -> list[dict[str
     return rules
 
 
-def routing_summary(choices: Sequence[Choice], max_drop: float = 0.03) -> dict[str, Any]:
+def describe_bounds(think_bounds: ThinkBounds) -> str:
+    """E.g. "thinking on 80-100% of level 4 and 0-20% of level 1"."""
+    parts = [f"{lo * 100:.0f}-{hi * 100:.0f}% of level {level}" for level, (lo, hi) in think_bounds.items()]
+    return "thinking on " + " and ".join(parts)
+
+
+def routing_summary(
+    choices: Sequence[Choice], max_drop: float = 0.03, think_bounds: ThinkBounds | None = None
+) -> dict[str, Any]:
     """Outcome counts; think mode's accuracy and mean tokens; the fusion rule applied perfectly
     (think exactly where the direct answer is wrong); thinking from each level up
     (``level_rules``); the oracle frontier and its fewest tokens within ``max_drop`` of always
-    thinking. Token ratios are shares of think mode's."""
+    thinking, also when held to ``think_bounds``. Token ratios are shares of think mode's."""
     n = max(len(choices), 1)
     think_accuracy = sum(c.think_correct for c in choices) / n
     think_tokens = max(sum(c.think_tokens for c in choices) / n, 1e-9)
     accuracy, tokens = routed(choices, [not c.direct_correct for c in choices])
+
+    def ratio(frontier: list[tuple[float, float]]) -> float | None:
+        fewest = fewest_tokens(frontier, think_accuracy - max_drop)
+        return None if fewest is None else fewest / think_tokens
+
     frontier = oracle_frontier(choices)
-    oracle = fewest_tokens(frontier, think_accuracy - max_drop)
-    return {
+    summary = {
         "counts": outcome_counts(choices),
         "think_accuracy": think_accuracy,
         "think_tokens": think_tokens,
         "fusion_rule": {"accuracy": accuracy, "token_ratio": tokens / think_tokens},
         "level_rules": level_rules(choices, think_tokens),
         "oracle_frontier": frontier,
-        "oracle_token_ratio": None if oracle is None else oracle / think_tokens,
+        "oracle_token_ratio": ratio(frontier),
         "max_drop": max_drop,
     }
+    if think_bounds:
+        bounded = oracle_frontier(choices, think_bounds)
+        summary["think_bounds"] = {str(level): list(b) for level, b in think_bounds.items()}
+        summary["bounded_oracle_frontier"] = bounded
+        summary["bounded_oracle_token_ratio"] = ratio(bounded)
+    return summary
 
 
-def routing_report(rows: Iterable[dict[str, Any]], max_drop: float = 0.03) -> list[str]:
+def _reach(ratio: float | None) -> str:
+    return "out of reach" if ratio is None else f"{ratio * 100:.0f}% of think's tokens"
+
+
+def routing_report(
+    rows: Iterable[dict[str, Any]], max_drop: float = 0.03, think_bounds: ThinkBounds | None = None
+) -> list[str]:
     """Markdown lines of ``routing_summary`` for evaluation rows (``Answer.row()``)."""
-    summary = routing_summary(paired(rows), max_drop)
-    counts, fusion, oracle = summary["counts"], summary["fusion_rule"], summary["oracle_token_ratio"]
-    reach = "out of reach" if oracle is None else f"{oracle * 100:.0f}% of think's tokens"
+    summary = routing_summary(paired(rows), max_drop, think_bounds)
+    counts, fusion = summary["counts"], summary["fusion_rule"]
+    bounded = (
+        [f"- the same, {describe_bounds(think_bounds)}: {_reach(summary['bounded_oracle_token_ratio'])}."]
+        if think_bounds
+        else []
+    )
     return [
         "When to think (`turbos.post.routing`; `python benchmarks/routing.py --run <demo folder>` adds",
         "the model's own skip probability as a router and plots it):",
@@ -173,7 +259,9 @@ def routing_report(rows: Iterable[dict[str, Any]], max_drop: float = 0.03) -> li
             f"{r['token_ratio'] * 100:.0f}% of think's tokens;"
             for r in summary["level_rules"][1:]
         ],
-        f"- best per-problem choice within {max_drop * 100:.0f} points of think: {reach}.",
+        f"- best per-problem choice within {max_drop * 100:.0f} points of think: "
+        f"{_reach(summary['oracle_token_ratio'])}{';' if bounded else '.'}",
+        *bounded,
         "",
     ]
 
