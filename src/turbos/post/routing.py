@@ -8,8 +8,8 @@ the dearer one, cheapest switch first, where only the dearer one is right. Each 
 right answer, so this order gives the fewest tokens for every accuracy.
 
 The oracle can also be held to thinking rates per level (``think_bounds``, e.g. the issue's "think
-on >= 80% of the hardest problems and <= 20% of the easiest"); then an exact dynamic program over
-(right answers, thinking answers) per level replaces the greedy order.
+on >= 80% of the hardest problems and <= 20% of the easiest"); then an exact search over how many
+problems of each outcome think, per level, replaces the greedy order.
 
 Comparing auto with the oracle (and with thresholds on the model's own probability of skipping)
 tells whether a missed token target comes from what the model can answer or from when it thinks.
@@ -130,25 +130,48 @@ def oracle_frontier(
     return frontier
 
 
-def _level_costs(choices: Sequence[Choice], least: float, most: float) -> list[float]:
+def _level_costs(choices: Sequence[Choice], least: float, most: float) -> torch.Tensor:
     """Fewest tokens for exactly k right answers (index k) on these problems, thinking on a share
-    in [least, most] of them; inf where impossible."""
+    in [least, most] of them; inf where impossible.
+
+    Only how many problems of each outcome think matters for k and for the count of thinking
+    answers, and within an outcome the cheapest switches to thinking go first. So a routing is
+    b switched "direct only" problems (each loses a right answer), c switched "think only" ones
+    (each gains one) and m switched of the rest (no change), and for given b and c the best m is
+    the count of switches that save tokens, clamped to what the bounds allow: O(n^2) in all.
+    """
     n = len(choices)
-    # cost[k, t]: fewest tokens with k right answers and t thinking answers so far
-    cost = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
-    cost[0, 0] = 0.0
-    for c in choices:
-        step = torch.full_like(cost, math.inf)
-        for think in (False, True):
-            ok, tokens = c.routed(think)
-            shifted = torch.full_like(cost, math.inf)
-            shifted[int(ok) :, int(think) :] = cost[: n + 1 - ok, : n + 1 - think] + tokens
-            step = torch.minimum(step, shifted)
-        cost = step
     low, high = math.ceil(least * n - 1e-9), math.floor(most * n + 1e-9)
+    costs = torch.full((n + 1,), math.inf, dtype=torch.float64)
     if low > high:
-        return [math.inf] * (n + 1)
-    return cost[:, low : high + 1].amin(dim=1).tolist()
+        return costs
+
+    def prefix(deltas: list[int]) -> torch.Tensor:  # cost of switching the m cheapest, m = 0..len
+        return torch.cat(
+            [torch.zeros(1, dtype=torch.float64), torch.tensor(sorted(deltas), dtype=torch.float64).cumsum(0)]
+        )
+
+    deltas: dict[str, list[int]] = {"direct_only": [], "think_only": [], "rest": []}
+    base_tokens = base_right = 0
+    for c in choices:
+        direct_ok, direct_tokens = c.routed(False)
+        think_ok, think_tokens = c.routed(True)
+        base_tokens, base_right = base_tokens + direct_tokens, base_right + direct_ok
+        outcome = OUTCOMES[direct_ok, think_ok]
+        deltas[outcome if outcome in ("direct_only", "think_only") else "rest"].append(
+            think_tokens - direct_tokens
+        )
+    lose, gain, rest = (prefix(deltas[k]) for k in ("direct_only", "think_only", "rest"))
+    b = torch.arange(len(lose)).unsqueeze(1)
+    c = torch.arange(len(gain)).unsqueeze(0)
+    m_low = (low - b - c).clamp(min=0)
+    m_high = (high - b - c).clamp(max=len(rest) - 1)
+    saving = sum(d < 0 for d in deltas["rest"])
+    m = torch.maximum(torch.minimum(torch.full_like(m_low, saving), m_high), m_low).clamp(max=len(rest) - 1)
+    total = base_tokens + lose[b] + gain[c] + rest[m]
+    total = torch.where(m_low <= m_high, total, torch.full_like(total, math.inf))
+    right = (base_right - b + c).expand_as(total)
+    return costs.scatter_reduce_(0, right.reshape(-1), total.reshape(-1), reduce="amin")
 
 
 def _bounded_frontier(choices: Sequence[Choice], think_bounds: ThinkBounds) -> list[tuple[float, float]]:
@@ -158,19 +181,18 @@ def _bounded_frontier(choices: Sequence[Choice], think_bounds: ThinkBounds) -> l
     unknown = set(think_bounds) - set(by_level)
     if unknown:
         raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
-    total = [0.0]  # fewest tokens for exactly k right answers over the levels so far
+    total = torch.zeros(1, dtype=torch.float64)  # fewest tokens for exactly k right answers so far
     for level, group in by_level.items():
         costs = _level_costs(group, *think_bounds.get(level, (0.0, 1.0)))
-        merged = [math.inf] * (len(total) + len(costs) - 1)
-        for k, base in enumerate(total):
-            for j, extra in enumerate(costs):
-                merged[k + j] = min(merged[k + j], base + extra)
-        total = merged
+        k, j = torch.arange(len(total)).unsqueeze(1), torch.arange(len(costs)).unsqueeze(0)
+        merged = torch.full((len(total) + len(costs) - 1,), math.inf, dtype=torch.float64)
+        pairs = (total.unsqueeze(1) + costs.unsqueeze(0)).reshape(-1)
+        total = merged.scatter_reduce_(0, (k + j).reshape(-1), pairs, reduce="amin")
     n = max(len(choices), 1)
     frontier, best = [], math.inf
-    for k in reversed(range(len(total))):  # at least k right: the cheapest from k up
-        if total[k] < best:
-            best = total[k]
+    for k, tokens in reversed(list(enumerate(total.tolist()))):  # at least k right: cheapest from k up
+        if tokens < best:
+            best = tokens
             frontier.append((k / n, best / n))
     return frontier[::-1]
 
