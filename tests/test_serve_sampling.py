@@ -1,5 +1,6 @@
-"""Sampling parameters and the sampler: greedy, top-k, top-p, penalties, bans, seeds, logprobs;
-and the detokenizer: exact text across split characters, stop strings never leaking."""
+"""Sampling parameters and the sampler: greedy, top-k, top-p, penalties, logit bias, bans, seeds,
+logprobs, extreme values; the detokenizer: exact text across split characters, stop strings never
+leaking; and the completions' logprob text offsets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
-from turbos.serve.sampling import Sampler, SamplingParams, SamplingParamsError, SamplingRow
+from turbos.serve.openai_format import Formatter
+from turbos.serve.sampling import Sampler, SamplingParams, SamplingParamsError, SamplingRow, TokenLogprobs
+from turbos.serve.sequence import Sequence
 
 # probabilities 0.5, 0.3, 0.15, 0.05 over four tokens
 LOGITS = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
@@ -51,6 +54,43 @@ def test_presence_and_frequency_penalties_count_output_tokens() -> None:
     assert draws(SamplingParams(temperature=0, presence_penalty=0.6), logits, n=1, output=[0]) == [1]
     assert draws(SamplingParams(temperature=0, frequency_penalty=0.3), logits, n=1, output=[0]) == [0]
     assert draws(SamplingParams(temperature=0, frequency_penalty=0.3), logits, n=1, output=[0, 0]) == [1]
+
+
+def test_logit_bias_is_added_before_greedy_and_sampled_picks() -> None:
+    assert draws(SamplingParams(temperature=0, logit_bias={3: 100}), n=1) == [3]
+    assert draws(SamplingParams(temperature=0, logit_bias={0: -0.6}), n=1) == [1], "log .5 - .6 < log .3"
+    assert set(draws(SamplingParams(logit_bias={3: 100}), n=200)) == {3}
+    assert 0 not in set(draws(SamplingParams(logit_bias={0: -100})))
+
+
+def test_temperatures_below_the_greedy_threshold_are_greedy() -> None:
+    for temperature in (1e-40, 1e-6):
+        assert set(draws(SamplingParams(temperature=temperature), n=50)) == {0}
+
+
+@pytest.mark.parametrize(
+    "logits",
+    [
+        torch.tensor([3e38, 1e38, -3e38, 0.0]),
+        torch.tensor([-3e38, -1e38, -2e38, -3.4e38]),
+        torch.tensor([1e30, float("-inf"), 1e30, -1e30]),
+    ],
+    ids=["huge", "all very negative", "ties and a banned token"],
+)
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 1e-5, "repetition_penalty": 0.01},
+        {"temperature": 1e-5, "repetition_penalty": 100, "presence_penalty": -2, "frequency_penalty": -2},
+        {"temperature": 100, "top_p": 1e-9, "top_k": 1, "logit_bias": {3: 100}},
+        {"temperature": 2e-5, "logit_bias": {0: -100, 1: 100}},
+    ],
+)
+def test_extreme_valid_values_always_give_valid_tokens(logits, params) -> None:
+    """The penalties overflow float32 or the temperature divides by almost nothing: still a token
+    with a finite logit, never an error (which would fail every request in the batch)."""
+    tokens = draws(SamplingParams(**params), logits, n=20, prompt=[0, 1], output=[0, 2, 2])
+    assert all(0 <= t < 4 and logits[t] > float("-inf") for t in tokens)
 
 
 def test_banned_tokens_are_never_sampled() -> None:
@@ -100,6 +140,12 @@ def test_logprobs_are_the_models_log_softmax() -> None:
         ("top_k", -2),
         ("top_k", 1.5),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 1e-39),
+        ("repetition_penalty", 101),
+        ("logit_bias", {5: 101}),
+        ("logit_bias", {-1: 1}),
+        ("logit_bias", {"5": 1}),
+        ("logit_bias", {5: float("nan")}),
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3),
         ("max_tokens", 0),
@@ -145,3 +191,20 @@ def test_held_back_text_is_released_when_it_is_not_a_stop(tokenizer) -> None:
     detok = IncrementalDetokenizer(token_bytes(tokenizer), stop=["Answer: 9"])
     text = "".join(detok.add(i) for i in tokenizer.encode("Answer: 2").ids) + detok.finish()
     assert text == "Answer: 2" and not detok.stopped
+
+
+def test_text_offsets_count_characters_of_the_output_text(tokenizer) -> None:
+    """Each token's offset is where its text starts in the output, in characters, also when a
+    character's bytes are split across tokens (the token that starts it holds no character yet)."""
+    text = "Ünïcödé 日本語 🎉 ok"
+    ids = tokenizer.encode(text).ids
+    table = token_bytes(tokenizer)
+    params = SamplingParams(logprobs=0)
+    seq = Sequence("r", [1], params, 100, frozenset(), IncrementalDetokenizer(table))
+    for token in ids:
+        seq.append(token, TokenLogprobs(token, 0.0, []))
+    out = seq.take_output()
+    offsets = Formatter("r", "m", table).completion_logprobs(out.logprobs)["text_offset"]
+    expected = [len(b"".join(table[t] for t in ids[:i]).decode(errors="ignore")) for i in range(len(ids))]
+    assert out.text == text and offsets == expected
+    assert len(ids) > len(text), "some characters are split across tokens"

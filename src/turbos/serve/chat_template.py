@@ -27,9 +27,14 @@ generate`` and ``turbos chat`` all go through it.
 The mode comes from the request when it names one (``thinking``, ``enable_thinking``,
 ``reasoning_effort``); otherwise from the last ``/think`` or ``/no_think`` flag in a system or
 user message (the later of the two within a message counts); otherwise ``auto``. A flag is the
-literal text ``/think`` or ``/no_think`` (the ``/think`` inside ``</think>`` is not one); every
+word ``/think`` or ``/no_think`` with whitespace or the start or end of the message on each side
+(so neither ``</think>`` nor a URL or path such as ``https://x.com/thinking`` holds one); every
 flag is removed from a message that has one, and that message's surrounding whitespace is
 stripped.
+
+Message content may not smuggle in chat structure: the text of a special token (``<|end|>``,
+``<|system|>``...) in a system or user message, or in an assistant message other than the
+``<think>`` and ``</think>`` of its reasoning, is an error, not a control token.
 
 History: assistant turns before the last user message keep only their answer (the reasoning is
 dropped, as it was for the model when it answered the next question); turns after it keep
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +68,8 @@ if TYPE_CHECKING:
     from turbos.serve.sampling import SamplingParams
 
 THINKING_MODES = ("auto", "think", "no_think")
-_FLAGS = {"/think": "think", "/no_think": "no_think"}
+_FLAG = re.compile(r"(?<!\S)/(no_)?think(?!\S)")
+_REASONING_TOKENS = (THINK_TOKEN, END_THINK_TOKEN)
 _ROLE_TOKENS = {"system": SYSTEM_TOKEN, "user": USER_TOKEN, "assistant": ASSISTANT_TOKEN}
 _GENERATION_SUFFIX = {"auto": "", "think": THINK_TOKEN, "no_think": THINK_TOKEN + END_THINK_TOKEN}
 
@@ -109,17 +116,25 @@ def thinking_mode_from_request(
 
 
 def split_flag(text: str) -> tuple[str | None, str]:
-    """(the mode flagged in ``text`` or None, the text without its flags).
-
-    ``</think>`` contains ``/think`` but is not a flag, so it is set aside while flags are found.
-    """
-    probe = text.replace(END_THINK_TOKEN, "")
-    think, no_think = probe.rfind("/think"), probe.rfind("/no_think")
-    if think == no_think == -1:
+    """(the mode flagged in ``text`` or None, the text without its flags; see the module docstring)."""
+    flags = list(_FLAG.finditer(text))
+    if not flags:
         return None, text
-    flag = "think" if think > no_think else "no_think"
-    pieces = (piece.replace("/no_think", "").replace("/think", "") for piece in text.split(END_THINK_TOKEN))
-    return flag, END_THINK_TOKEN.join(pieces).strip()
+    return "no_think" if flags[-1].group(1) else "think", _FLAG.sub("", text).strip()
+
+
+def _check_content(i: int, message: Message) -> None:
+    """ValueError if the message's text holds a special token's text (see the module docstring)."""
+    role = message["role"]
+    if role == "assistant":
+        texts, allowed = (message.get("content"), message.get("reasoning_content")), _REASONING_TOKENS
+    else:
+        texts, allowed = (message["content"],), ()
+    for token in SPECIAL_TOKENS:
+        if token not in allowed and any(token in text for text in texts if text):
+            raise ValueError(
+                f"message {i}: the text of the special token {token} is not allowed in a {role} message"
+            )
 
 
 def resolve_thinking_mode(messages: Sequence[Message], mode: str | None = None) -> str:
@@ -150,7 +165,8 @@ def render_chat(
     """The prompt text of a conversation (format in the module docstring).
 
     messages: dicts with ``role`` (system, user or assistant) and string ``content``
-    (assistant messages may carry ``reasoning_content`` and a None content).
+    (assistant messages may carry ``reasoning_content`` and a None content). ValueError for an
+    unknown role or special-token text in a message.
     mode: auto / think / no_think, or None to take it from the /think and /no_think flags.
     """
     mode = resolve_thinking_mode(messages, mode)
@@ -160,6 +176,7 @@ def render_chat(
         role = message["role"]
         if role not in _ROLE_TOKENS:
             raise ValueError(f"message {i}: role must be system, user or assistant, got {role!r}")
+        _check_content(i, message)
         if role == "assistant":
             reasoning, text = _assistant_parts(message)
             if reasoning is not None and i > last_user:
@@ -208,13 +225,14 @@ def prepare_chat(messages: Sequence[Message], mode: str | None = None) -> ChatPr
 # The same rendering in Jinja, for transformers' apply_chat_template. Extra keyword arguments it
 # understands: thinking ("auto" / "think" / "no_think") and enable_thinking (bool).
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(mode='auto', last_user=-1) -%}"
+    "{%- set ns = namespace(mode='auto', last_user=-1, text='', out='') -%}"
+    "{%- set specials = " + json.dumps(list(SPECIAL_TOKENS)) + " -%}"
     "{%- for m in messages -%}"
     "{%- if m['role'] in ['system', 'user'] -%}"
-    "{%- set probe = m['content'].replace('</think>', '') -%}"
-    "{%- set a = probe.rfind('/think') -%}{%- set b = probe.rfind('/no_think') -%}"
-    "{%- if a > b -%}{%- set ns.mode = 'think' -%}{%- elif b > a -%}{%- set ns.mode = 'no_think' -%}"
-    "{%- endif -%}"
+    "{%- for word in m['content'].split() -%}"
+    "{%- if word == '/think' -%}{%- set ns.mode = 'think' -%}"
+    "{%- elif word == '/no_think' -%}{%- set ns.mode = 'no_think' -%}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- endif -%}"
     "{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -227,6 +245,15 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "<|bos|>"
     "{%- for m in messages -%}"
+    "{%- set i = loop.index0 -%}"
+    "{%- for t in specials -%}"
+    "{%- if m['role'] in ['system', 'user'] and t in m['content'] or m['role'] == 'assistant'"
+    " and t not in ['<think>', '</think>'] and (m['content'] is string and t in m['content']"
+    " or m['reasoning_content'] is string and t in m['reasoning_content']) -%}"
+    "{{- raise_exception('message ' ~ i ~ ': the text of the special token ' ~ t"
+    " ~ ' is not allowed in a ' ~ m['role'] ~ ' message') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
     "{%- if m['role'] == 'assistant' -%}"
     "{%- set content = m['content'] if m['content'] is not none else '' -%}"
     "{%- set reasoning = m['reasoning_content'] if m['reasoning_content'] is defined else none -%}"
@@ -240,14 +267,21 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{{- content -}}<|end|>"
     "{%- elif m['role'] in ['system', 'user'] -%}"
-    "{%- set content = m['content'] -%}"
-    "{%- set probe = content.replace('</think>', '') -%}"
-    "{%- if probe.rfind('/think') > -1 or probe.rfind('/no_think') > -1 -%}"
-    "{%- set content = content.split('</think>') | map('replace', '/no_think', '')"
-    " | map('replace', '/think', '') | join('</think>') -%}"
-    "{%- set content = content.strip() -%}"
+    "{%- set ns.text = m['content'] -%}"
+    "{%- if '/think' in ns.text.split() or '/no_think' in ns.text.split() -%}"
+    "{%- for flag in ['/think', '/no_think'] -%}"
+    "{%- set pieces = ns.text.split(flag) -%}{%- set ns.out = pieces[0] -%}"
+    "{%- for right in pieces[1:] -%}"
+    "{%- set left = pieces[loop.index0] -%}"
+    "{%- set starts = left[-1:].isspace() or loop.first and not left -%}"
+    "{%- set ends = right[:1].isspace() or loop.last and not right -%}"
+    "{%- set ns.out = ns.out + ('' if starts and ends else flag) + right -%}"
+    "{%- endfor -%}"
+    "{%- set ns.text = ns.out -%}"
+    "{%- endfor -%}"
+    "{%- set ns.text = ns.text.strip() -%}"
     "{%- endif -%}"
-    "{{- '<|system|>' if m['role'] == 'system' else '<|user|>' -}}{{- content -}}<|end|>"
+    "{{- '<|system|>' if m['role'] == 'system' else '<|user|>' -}}{{- ns.text -}}<|end|>"
     "{%- else -%}"
     "{{- raise_exception('role must be system, user or assistant, got ' + m['role']) -}}"
     "{%- endif -%}"

@@ -28,7 +28,7 @@ from turbos.serve.cache_manager import CacheManager
 from turbos.serve.cuda_graph import CUDAGraphDecoder
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.runner import ModelRunner, PrefillJob
-from turbos.serve.sampling import Sampler, SamplingParams, TokenLogprobs
+from turbos.serve.sampling import Sampler, SamplingParams, SamplingParamsError, TokenLogprobs
 from turbos.serve.scheduler import Scheduler
 from turbos.serve.sequence import RequestOutput, Sequence, SequenceStatus, stop_ids_for
 
@@ -149,13 +149,18 @@ class LLMEngine:
     def add_request(
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
-        """Queue a request; returns its id. Raises QueueFullError, ContextLengthError, ValueError."""
+        """Queue a request; returns its id. Raises QueueFullError, ContextLengthError,
+        SamplingParamsError (a logit_bias id beyond the vocabulary), ValueError."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
+        if any(t >= self.config.vocab_size for t in params.logit_bias):
+            raise SamplingParamsError(
+                "logit_bias", f"token ids must be below the vocabulary size, {self.config.vocab_size}"
+            )
         max_tokens = self.resolve_max_tokens(len(prompt_ids), params.max_tokens)
         generator = None
         if params.seed is not None:

@@ -44,7 +44,11 @@ class ChatSession:
 
     def reply(self, user_text: str) -> None:
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        prompt = prepare_chat(messages, self.mode)
+        try:
+            prompt = prepare_chat(messages, self.mode)
+        except ValueError as err:  # special-token text typed in the message
+            self.write(f"[{err}]\n")
+            return
         room = self.engine.max_context - len(self.engine.encode(prompt.text))
         if room < 1:
             self.write("[the conversation no longer fits in the context; /reset to start over]\n")

@@ -96,16 +96,13 @@ class Formatter:
         }
 
     # ------------------------------------------------------------------------ completions
-    def completion_logprobs(self, logprobs: Sequence[TokenLogprobs], offset: int = 0) -> dict:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in logprobs:
-            text, _ = self._token(lp.token_id)
-            tokens.append(text)
-            values.append(lp.logprob)
-            tops.append({self._token(t)[0]: v for t, v in lp.top})
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+    def completion_logprobs(self, logprobs: Sequence[TokenLogprobs]) -> dict:
+        return {
+            "tokens": [self._token(lp.token_id)[0] for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{self._token(t)[0]: v for t, v in lp.top} for lp in logprobs],
+            "text_offset": [lp.text_offset for lp in logprobs],
+        }
 
     def completion_choice(
         self, index: int, text: str, finish_reason: str | None, logprobs: dict | None

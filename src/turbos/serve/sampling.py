@@ -1,11 +1,15 @@
 """Sampling parameters of a request, and the sampler that applies them to a batch of logits.
 
-Order of processing for each row: repetition penalty (over prompt and output, as in Hugging Face
-and vLLM: positive logits divided by it, negative multiplied), presence and frequency penalties
-(over the output, as in OpenAI), banned tokens (and, for the first output token, the tokens
-banned there), then greedy argmax when temperature is 0, else
-temperature, top-k, top-p and a draw. Reported log-probabilities are those of the model itself
-(log-softmax of the raw logits), not of the processed distribution.
+Order of processing for each row, in float32: logit bias (OpenAI's ``logit_bias``, added to the
+model's logits), repetition penalty (over prompt and output, as in Hugging Face and vLLM: positive
+logits divided by it, negative multiplied), presence and frequency penalties (over the output, as
+in OpenAI), banned tokens (and, for the first output token, the tokens banned there), then greedy
+argmax when the temperature is below ``GREEDY_TEMPERATURE`` (0 included, as in vLLM), else
+temperature, top-k, top-p and a draw. Before the temperature, logits are capped at float32's
+largest value, and a row whose maximum dividing by the temperature takes out of float range is
+shifted to a maximum of 0 first, so no valid parameters can make the probabilities infinite or
+NaN. Reported log-probabilities are those of the model itself (log-softmax of the raw logits),
+not of the processed distribution.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ class SamplingParamsError(ValueError):
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily, as in vLLM (a draw there is all but the argmax)."""
 
 
 def _is_number(value: object) -> bool:
@@ -43,17 +49,19 @@ class SamplingParams:
     max_tokens: int | None = None
     """New tokens at most; None = up to the model's context length."""
     temperature: float = 1.0
-    """0 is greedy (argmax)."""
+    """In [0, 100]; below ``GREEDY_TEMPERATURE`` (0 included) is greedy (argmax)."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 or -1 keeps all."""
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability reaches top_p, in (0, 1]."""
     repetition_penalty: float = 1.0
-    """> 0; 1 disables. Applied to every token of the prompt and the output."""
+    """In [0.01, 100]; 1 disables. Applied to every token of the prompt and the output."""
     presence_penalty: float = 0.0
     """In [-2, 2]; subtracted once from the logit of every token already in the output."""
     frequency_penalty: float = 0.0
     """In [-2, 2]; subtracted from a token's logit once per time it is in the output."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> a value in [-100, 100] added to its logit (OpenAI's ``logit_bias``)."""
     seed: int | None = None
     """Seeds this request's own generator, so its draws do not depend on the batch it runs in."""
     stop: list[str] = field(default_factory=list)
@@ -87,12 +95,16 @@ class SamplingParams:
             fail("top_k", f"must be an integer >= 1, or 0 or -1 to disable, got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
-            fail("repetition_penalty", f"must be a number in (0, 100], got {self.repetition_penalty!r}")
+        if not _is_number(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 100:
+            fail("repetition_penalty", f"must be a number in [0.01, 100], got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
                 fail(name, f"must be a number in [-2, 2], got {value!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+            _is_int(t) and t >= 0 and _is_number(v) and -100 <= v <= 100 for t, v in self.logit_bias.items()
+        ):
+            fail("logit_bias", f"must map token ids >= 0 to numbers in [-100, 100], got {self.logit_bias!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
             fail("seed", f"must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -110,7 +122,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -120,6 +132,8 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    text_offset: int = 0
+    """Where the token's text starts in the output text, in characters (set by the sequence)."""
 
 
 @dataclass
@@ -133,8 +147,11 @@ class SamplingRow:
 
 
 def _penalize(logits: torch.Tensor, row: SamplingRow) -> None:
-    """Repetition, presence and frequency penalties on one row of logits, in place."""
+    """Logit bias, then repetition, presence and frequency penalties on one row of logits, in place."""
     p = row.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor([*row.prompt_ids, *row.output_ids], dtype=torch.long, device=logits.device)
         if len(seen):
@@ -191,7 +208,16 @@ class Sampler:
             )
             top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
             temps = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
-            probs = _filter_top_k_top_p(logits[idx] / temps[:, None], top_k, top_p).softmax(-1)
+            # capped (a penalty can overflow to +inf); a row whose maximum the temperature takes
+            # out of float range is shifted to a maximum of 0 first, so the softmax has a finite one
+            # (only then: the shift changes the rounding, and with it seeded draws)
+            chosen = logits[idx].clamp(max=torch.finfo(logits.dtype).max)
+            scaled = chosen / temps[:, None]
+            overflow = ~torch.isfinite(scaled.amax(-1))
+            if overflow.any():
+                shifted = chosen[overflow] - chosen[overflow].amax(-1, keepdim=True)
+                scaled[overflow] = shifted / temps[overflow, None]
+            probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
             for j, i in enumerate(sampled):
                 generator = rows[i].generator or self.generator
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generator)[0]

@@ -80,6 +80,7 @@ class Sequence:
         self.output_ids.append(token_id)
         self._new_ids.append(token_id)
         if logprobs is not None:
+            logprobs.text_offset = len(self.detokenizer.text)
             self._new_logprobs.append(logprobs)
         if token_id in self.stop_token_ids:
             self.finish("stop")

@@ -3,9 +3,11 @@
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming as server-sent
 events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
 (Prometheus text). Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
-400 for a bad request (invalid JSON, wrong types, unknown model, bad sampling values, prompt +
-max_tokens beyond the context), 401 for a missing or wrong API key (when one is set), 413 for
-a body over the limit, 503 when the waiting queue is full or the server is shutting down.
+400 for a bad request (invalid JSON, wrong types, bad sampling values, prompt + max_tokens beyond
+the context, special-token text in chat messages, structured output or tools, more prompts than
+the waiting queue holds), 401 for a missing or wrong API key (when one is set), 404 for an unknown
+model, 413 for a body over the limit, 503 when the waiting queue is full or the server is
+shutting down.
 A client that disconnects cancels its request, which frees its slot at the next engine step.
 """
 
@@ -137,12 +139,12 @@ class Server:
     def check_common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.model != self.model_name:
             raise APIError(
-                400,
+                404,
                 f"The model {body.model!r} does not exist; this server has {self.model_name!r}.",
                 param="model",
                 code="model_not_found",
             )
-        if body.n != 1:
+        if body.n not in (None, 1):
             raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
 
     def params(self, body: ChatCompletionRequest | CompletionRequest, **kwargs: Any) -> SamplingParams:
@@ -160,6 +162,8 @@ class Server:
             raise APIError(503, str(err), "server_overloaded", code="queue_full") from None
         except EngineStoppedError as err:
             raise APIError(503, str(err), "server_unavailable", code="shutting_down") from None
+        except SamplingParamsError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_value") from None
         except ValueError as err:
             raise APIError(400, str(err), param="prompt", code="invalid_value") from None
 
@@ -190,6 +194,13 @@ class Server:
         started = time.monotonic()
         body = await _parse(request, ChatCompletionRequest)
         self.check_common(body)
+        if unsupported := body.unsupported():
+            raise APIError(
+                400,
+                f"{unsupported} is not supported by this server (no structured output or tool calls).",
+                param=unsupported,
+                code="unsupported_parameter",
+            )
         try:
             messages = [m.to_dict() for m in body.messages]
             kwargs = body.chat_template_kwargs
@@ -218,7 +229,7 @@ class Server:
         fmt = Formatter(request_id, self.model_name, self.token_bytes)
         if body.stream:
             events = self._chat_events(
-                fmt, queue, prompt_ids, chat.mode, body.logprobs, body.include_usage, started
+                fmt, queue, prompt_ids, chat.mode, bool(body.logprobs), body.include_usage, started
             )
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -286,6 +297,14 @@ class Server:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        max_waiting = self.engine.engine.scheduler.max_waiting
+        if len(prompts) > max_waiting:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts in one request; this server queues at most {max_waiting}.",
+                param="prompt",
+                code="invalid_value",
+            )
         params = self.params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
         encoded = [
             await run_in_threadpool(self.engine.engine.encode, p) if isinstance(p, str) else p
@@ -335,7 +354,6 @@ class Server:
         merged: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
         results = [GenerationResult(rid, ids) for (rid, _), ids in zip(submitted, encoded, strict=True)]
         firsts: list[float | None] = [None] * len(submitted)
-        offsets = [0] * len(submitted)
 
         async def pump(index: int, request_id: str, queue: asyncio.Queue) -> None:
             async with contextlib.aclosing(self.engine.stream(request_id, queue)) as outputs:
@@ -356,16 +374,14 @@ class Server:
                 if out.error:
                     yield sse(error_body(out.error, "internal_error", code="engine_error"))
                     break
-                lp = fmt.completion_logprobs(out.logprobs, offsets[index]) if logprobs else None
-                offsets[index] += len(out.text)
+                lp = fmt.completion_logprobs(out.logprobs) if logprobs else None
                 if out.text or lp or out.finished:
                     choice = fmt.completion_choice(index, out.text, out.finish_reason, lp)
                     yield sse(fmt.completion([choice], 0, None))
-            else:
-                if include_usage:
-                    usage = fmt.completion([], sum(map(len, encoded)), sum(len(r.token_ids) for r in results))
-                    yield sse(usage)
-                yield sse("[DONE]")
+            if include_usage:
+                usage = fmt.completion([], sum(map(len, encoded)), sum(len(r.token_ids) for r in results))
+                yield sse(usage)
+            yield sse("[DONE]")
         finally:
             for task in tasks:
                 task.cancel()
