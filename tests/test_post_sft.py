@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from serve_helpers import save_model_dir, tiny_tokenizer
 from turbos.cli import main
@@ -16,9 +18,11 @@ from turbos.model import TurboSForCausalLM
 from turbos.model.hybrid import IGNORE_INDEX
 from turbos.post.sft import (
     EncodedData,
+    SFTDataset,
     SFTRecipe,
     batch_rows,
     encode_conversation,
+    encode_datasets,
     read_conversations,
     row_sampler,
     run_sft,
@@ -56,7 +60,7 @@ def test_bad_chat_files_fail_with_the_line_number(tmp_path) -> None:
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         read_conversations(path)
     path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    with pytest.raises(ValueError, match="no assistant message"):
+    with pytest.raises(ValueError, match="no assistant reply to learn from"):
         read_conversations(path)
     path.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
     with pytest.raises(ValueError, match="role"):
@@ -73,7 +77,7 @@ def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
 
 
 def test_datasets_mix_by_weight_not_by_size() -> None:
-    data = EncodedData(ids=[[1]] * 100, labels=[[1]] * 100, source=[0] * 90 + [1] * 10, skipped=0)
+    data = EncodedData(ids=[[1]] * 100, labels=[[1]] * 100, source=[0] * 90 + [1] * 10, skipped=[0, 0])
     probs = row_sampler(data, [1.0, 1.0], seed=0)
     assert probs[:90].sum().item() == pytest.approx(0.5) and probs[90:].sum().item() == pytest.approx(0.5)
 
@@ -134,6 +138,7 @@ def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path)
         model=str(base),
         data=[{"path": str(chats)}],
         output_dir=str(tmp_path / "sft"),
+        max_len=256,
         steps=40,
         batch_size=8,
         lr=3e-3,
@@ -170,6 +175,7 @@ def _resume_recipe(tmp_path, out: str, **changes) -> SFTRecipe:
         model=str(base),
         data=[{"path": str(chats)}],
         output_dir=str(tmp_path / out),
+        max_len=256,
         steps=8,
         batch_size=4,
         warmup_steps=2,
@@ -220,3 +226,162 @@ def test_sft_cli_stops_resumes_and_refuses_to_restart_over_checkpoints(tmp_path,
     assert main(["sft", "--recipe", str(path), "--resume", "auto", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 8
     assert (tmp_path / "cli" / "model" / "model.safetensors").is_file()
+    assert main(["plot", str(tmp_path / "cli")]) == 0, "an SFT run's records have no stage"
+    assert (tmp_path / "cli" / "plots" / "loss.png").is_file()
+
+
+def test_history_replies_whose_reasoning_is_dropped_carry_no_loss() -> None:
+    tok = tiny_tokenizer()
+    messages = [
+        {"role": "user", "content": "What is 17 + 25?"},
+        {"role": "assistant", "content": "<think>7+5=12, carry 1</think>Answer: 42"},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "<think>4+4=8</think>Answer: 8"},
+    ]
+
+    def trained(conversation: list[dict]) -> str:
+        ids, labels = encode_conversation(conversation, tok)
+        return tok.decode(
+            [t for t, y in zip(ids, labels, strict=True) if y != IGNORE_INDEX], skip_special_tokens=False
+        )
+
+    expected = "<think>4+4=8</think>Answer: 8<|end|>"
+    assert trained(messages) == expected, "the first reply's answer is shown without its reasoning: no loss"
+    messages[1] = {"role": "assistant", "content": "Answer: 42", "reasoning_content": "7+5=12, carry 1"}
+    assert trained(messages) == expected
+
+
+def test_chat_files_without_a_trainable_reply_or_with_bad_reasoning_are_refused(tmp_path) -> None:
+    path = tmp_path / "chats.jsonl"
+    turns = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>r</think>a"},
+        {"role": "user", "content": "q2"},
+    ]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(ValueError, match=r"chats\.jsonl:1: no assistant reply to learn from"):
+        read_conversations(path)
+    bad = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": 5}]
+    path.write_text(json.dumps({"messages": bad}) + "\n")
+    with pytest.raises(ValueError, match=r"chats\.jsonl:1: reasoning_content must be a string"):
+        read_conversations(path)
+
+
+def test_a_special_token_written_into_a_message_is_an_error_naming_the_conversation(tmp_path) -> None:
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Answer: 5"}]
+    smuggled = [{"role": "user", "content": "the <|assistant|> tag"}, {"role": "assistant", "content": "a"}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, smuggled)))
+    with pytest.raises(ValueError, match=r"chats\.jsonl: conversation 2: "):
+        encode_datasets([SFTDataset(str(path))], tiny_tokenizer(), max_len=256)
+
+
+def test_a_dataset_left_without_conversations_is_an_error_naming_it(tmp_path) -> None:
+    tok = tiny_tokenizer()
+    short = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    long = [{"role": "user", "content": "x " * 100}, {"role": "assistant", "content": "a"}]
+    chats, mixed, empty = tmp_path / "chats.jsonl", tmp_path / "mixed.jsonl", tmp_path / "empty.jsonl"
+    chats.write_text(json.dumps({"messages": short}) + "\n")
+    mixed.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (short, long, short)))
+    empty.write_text("\n")
+    data = encode_datasets([SFTDataset(str(chats)), SFTDataset(str(mixed))], tok, max_len=32)
+    assert data.source == [0, 1, 1] and data.skipped == [0, 1], (
+        "skipped conversations are counted per dataset"
+    )
+    with pytest.raises(
+        ValueError, match=r"empty\.jsonl \(weight 9\.0\) has no conversation .*: the file holds none"
+    ):
+        encode_datasets([SFTDataset(str(chats)), SFTDataset(str(empty), 9.0)], tok, max_len=32)
+    only_long = tmp_path / "long.jsonl"
+    only_long.write_text(json.dumps({"messages": long}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"long\.jsonl .* every one of its 1 conversations is longer than max_len=32"
+    ):
+        encode_datasets([SFTDataset(str(chats)), SFTDataset(str(only_long))], tok, max_len=32)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lr": "abc"}, r"lr: expected float, got 'abc'"),
+        ({"batch_size": 2.5}, r"batch_size: expected int, got 2\.5"),
+        ({"betas": [0.9]}, r"betas: expected a list of 2 values, got \[0\.9\]"),
+        ({"betas": [0.9, 1.5]}, r"betas must be in \[0, 1\)"),
+        ({"output_dir": None}, r"output_dir: expected a string, got None"),
+        ({"data": [{"path": "x", "weight": float("nan")}]}, r"data\[0\]\.weight: expected float, got nan"),
+        ({"data": [{"path": "x", "weight": float("inf")}]}, r"data\[0\]\.weight: expected float, got inf"),
+        ({"data": [{"path": "x", "wieght": 2}]}, r"unknown key 'data\[0\]\.wieght'"),
+        ({"warmup_steps": -1}, r"warmup_steps must be in \[0, steps=200\), got -1"),
+        ({"warmup_steps": 200}, r"warmup_steps must be in \[0, steps=200\), got 200"),
+        ({"checkpoint_interval": -1}, r"checkpoint_interval must be >= 0, got -1"),
+        ({"keep_last": -1}, r"keep_last must be >= 0, got -1"),
+        ({"grad_clip": -1.0}, r"grad_clip must be >= 0, got -1\.0"),
+    ],
+)
+def test_recipe_values_are_checked_by_type_and_range(changes: dict, message: str) -> None:
+    raw = {"model": "m", "data": [{"path": "x"}], "output_dir": "o", **changes}
+    with pytest.raises(ConfigError, match=f"sft recipe: {message}"):
+        SFTRecipe.from_dict(raw)
+
+
+def test_recipe_numbers_yaml_reads_as_strings_are_numbers(tmp_path) -> None:
+    path = tmp_path / "sft.yaml"
+    path.write_text("model: m\ndata: [{path: x, weight: 2}]\noutput_dir: o\nlr: 1e-4\nmin_lr: 1e-5\n")
+    recipe = SFTRecipe.load(path, ["steps='50'"])
+    assert (recipe.lr, recipe.min_lr, recipe.steps, recipe.data[0].weight) == (1e-4, 1e-5, 50, 2.0)
+    assert replace(recipe, seed=1).data == recipe.data, "datasets already built pass through"
+
+
+def test_max_len_beyond_the_models_positions_is_refused(tmp_path) -> None:
+    recipe = _resume_recipe(tmp_path, "long", max_len=512)
+    with pytest.raises(
+        ConfigError, match=r"max_len=512 exceeds the max_position_embeddings=256 of the model"
+    ):
+        run_sft(recipe, progress=False)
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path) -> None:
+    unclipped = run_sft(_resume_recipe(tmp_path, "zero", grad_clip=0.0, steps=3), progress=False)
+    huge = run_sft(_resume_recipe(tmp_path, "huge", grad_clip=1e30, steps=3), progress=False)
+    expected = TurboSForCausalLM.from_pretrained(huge["model_dir"]).state_dict()
+    got = TurboSForCausalLM.from_pretrained(unclipped["model_dir"]).state_dict()
+    assert all(torch.equal(expected[name], got[name]) for name in expected), "0 must not scale gradients"
+
+
+def test_a_finished_run_is_kept_reported_on_resume_and_set_aside_by_a_rewind(tmp_path, capsys) -> None:
+    plain = _resume_recipe(tmp_path, "plain", steps=3)  # checkpoint_interval 0: no checkpoints
+    run_sft(plain, progress=False)
+    with pytest.raises(FileExistsError, match=r"holds a finished SFT run \(model, sft_summary\.json\)"):
+        run_sft(plain, progress=False)
+
+    out = tmp_path / "done"
+    recipe = _resume_recipe(tmp_path, "done", checkpoint_interval=4, keep_last=0)
+    summary = run_sft(recipe, progress=False)
+    assert summary["datasets"] == [
+        {"path": str(tmp_path / "chats.jsonl"), "conversations": 12, "skipped_too_long": 0}
+    ]
+    capsys.readouterr()
+    assert run_sft(recipe, progress=False, resume="auto") == summary
+    assert "already finished" in capsys.readouterr().err
+    assert json.loads((out / "sft_summary.json").read_text()) == summary, "the summary is left alone"
+
+    # Killed after its last checkpoint, before the export: the resume exports with the real loss.
+    shutil.rmtree(out / "model")
+    (out / "sft_summary.json").unlink()
+    assert run_sft(recipe, progress=False, resume="auto")["final_loss"] == summary["final_loss"]
+
+    # A rewind to step 4 abandons step 8 and the finished model, then trains them again.
+    finished = load_file(out / "model" / "model.safetensors")
+    run_sft(recipe, progress=False, resume=str(out / "checkpoints" / "step-00000004"))
+    [aside] = (out / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "metrics.jsonl",
+        "model",
+        "sft_summary.json",
+        "step-00000008",
+    ]
+    again = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(finished[name], again[name]) for name in finished)
+
+    run_sft(recipe, progress=False, overwrite=True, stop_at=1)
+    assert not (out / "model").exists() and not (out / "sft_summary.json").exists()

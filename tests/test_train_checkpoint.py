@@ -82,6 +82,51 @@ def test_keep_last_k_deletes_the_oldest_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004", "step-00000005"]
 
 
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    model, optimizer = model_and_optimizer()
+    save(tmp_path, 6, model, optimizer)
+    written = save(tmp_path, 4, model, optimizer, keep_last=1)
+    assert written.is_dir(), "a later step's checkpoint must not push out the one just saved"
+
+
+def test_a_rewind_sets_the_abandoned_branch_aside_and_resume_auto_follows_the_new_one(
+    tmp_path: Path, capsys
+) -> None:
+    model, optimizer = model_and_optimizer()
+    for step in (2, 4, 6):
+        save(tmp_path, step, model, optimizer)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 6}\n')
+    (tmp_path / "model").mkdir()  # an output of the finished run, abandoned with it
+    rewind = tmp_path / "checkpoints" / "step-00000002"
+
+    resumed = ckpt.open_run_dir(tmp_path, str(rewind), overwrite=False, outputs=[tmp_path / "model"])
+
+    assert resumed == rewind and ckpt.list_checkpoints(tmp_path) == [rewind]
+    [aside] = (tmp_path / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "metrics.jsonl",
+        "model",
+        "step-00000004",
+        "step-00000006",
+    ]
+    assert (aside / "metrics.jsonl").read_text() == (tmp_path / "metrics.jsonl").read_text()
+    assert "moved the abandoned branch (step-00000004, step-00000006, model)" in capsys.readouterr().err
+    new = save(tmp_path, 4, model, optimizer, keep_last=1)
+    assert ckpt.list_checkpoints(tmp_path) == [new] and ckpt.resolve_resume("auto", tmp_path) == new
+
+
+def test_resuming_under_a_different_recipe_names_the_differing_fields(tmp_path: Path) -> None:
+    model, optimizer = model_and_optimizer()
+    recipe = {"lr": 1e-3, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 4}]}
+    ckpt.save_checkpoint(tmp_path, 2, model, optimizer, {"step": 2, "recipe": recipe})
+    assert ckpt.open_run_dir(tmp_path, "auto", False, recipe) is not None
+    changed = {"lr": 2e-3, "stages": [{"name": "a", "steps": 3}, {"name": "c", "steps": 4}]}
+    with pytest.raises(ValueError, match=r"\['lr', 'stages\.0\.steps', 'stages\.1\.name'\] differ"):
+        ckpt.open_run_dir(tmp_path, "auto", False, changed)
+    with pytest.raises(ValueError, match=r"\['stages'\] differ"):
+        ckpt.open_run_dir(tmp_path, "auto", False, {"lr": 1e-3, "stages": recipe["stages"][:1]})
+
+
 def test_resume_auto_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         ckpt.resolve_resume("auto", tmp_path)

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from turbos.cli import main
+from turbos.data.corpora import build_corpus
 from turbos.train.checkpoint import list_checkpoints
 from turbos.train.evaluate import autocast_context
 from turbos.train.metrics import read_metrics
@@ -143,6 +144,37 @@ def test_checkpoints_carry_the_stage_rope_alpha_and_the_tokenizer(straight_run: 
 def test_a_run_directory_with_checkpoints_is_not_silently_overwritten(straight_run: Path) -> None:
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         Trainer(micro_recipe(straight_run), progress=False)
+
+
+def test_resume_refuses_changed_stages_but_allows_output_and_checkpoint_changes(
+    straight_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    one_stage = copy.deepcopy(MICRO)
+    one_stage["stages"] = one_stage["stages"][:1]
+    one_stage["output_dir"] = str(run_dir)
+    with pytest.raises(ValueError, match=r"different recipe: \['stages'\] differ"):
+        Trainer(parse_recipe(one_stage), resume="auto", progress=False)  # was an IndexError
+    raw = copy.deepcopy(MICRO)
+    raw.update(output_dir=str(run_dir), checkpoint={"interval": 3, "keep_last": 1}, eval={"interval": 0})
+    trainer = Trainer(parse_recipe(raw), resume="auto", progress=False)
+    assert trainer.step == TOTAL
+
+
+def test_a_dense_model_without_experts_trains(tmp_path: Path) -> None:
+    raw = copy.deepcopy(MICRO)
+    raw["model"]["overrides"].update(ffn_type="dense", num_experts=0, intermediate_size=32)
+    raw["output_dir"] = str(tmp_path)
+    summary = Trainer(parse_recipe(raw), progress=False).train(stop_at=1)  # was a ZeroDivisionError
+    assert summary["steps"] == 1
+
+
+def test_a_malformed_jsonl_source_line_is_named_by_path_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a document"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"docs\.jsonl:2: not valid JSON"):
+        list(build_corpus(f"jsonl:{path}#text"))
 
 
 def test_cli_pretrain_writes_metrics_and_a_checkpoint_then_plot_and_eval_ppl(tmp_path: Path, capsys) -> None:

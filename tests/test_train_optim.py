@@ -62,6 +62,13 @@ def test_expert_lr_scale_follows_the_rule(rule: str, expected: float) -> None:
 def test_unknown_expert_lr_rule_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown expert LR rule 'cubic'"):
         expert_lr_scale("cubic", 2, 4)
+    with pytest.raises(ValueError, match="unknown expert LR rule 'cubic'"):
+        expert_lr_scale("cubic", 2, 0)
+
+
+@pytest.mark.parametrize("rule", ["sqrt", "linear", "none"])
+def test_a_dense_model_without_routed_experts_gets_the_base_lr(rule: str) -> None:
+    assert expert_lr_scale(rule, top_k=2, num_experts=0) == 1.0
 
 
 def test_groups_get_scaled_lrs_and_weight_decay() -> None:

@@ -120,6 +120,12 @@ def test_wrong_types_are_rejected_with_the_key(override: str, message: str) -> N
         (["schedule.warmup_steps=11"], r"warmup_steps=11 is longer than the first stage"),
         (["stages=[]"], r"at least one stage"),
         (["model.overrides.num_experts=1"], r"model: num_experts_per_tok=2 \(top-k\) exceeds"),
+        (["schedule.min_lr=1e-3"], r"schedule\.min_lr=0\.001 exceeds optimizer\.lr=0\.0003"),
+        (["optimizer.grad_clip=-1"], r"optimizer\.grad_clip must be >= 0, got -1"),
+        (["data.sources=5"], r"data\.sources: expected a source spec string, a \{source, \.\.\.\} mapping"),
+        (["data.sources=[]"], r"data\.sources: .* or a non-empty list of them, got \[\]"),
+        (["data.sources=[builtin:reasoning, 5]"], r"data\.sources: expected a source spec string"),
+        (["stages.0.sources=5"], r"stages\[0\] \('pretrain'\)\.sources: expected a source spec string"),
     ],
 )
 def test_impossible_recipes_are_refused(overrides: list[str], message: str) -> None:

@@ -88,7 +88,10 @@ class JsonlField:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
                 if not isinstance(record, dict) or self.field not in record:
                     found = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(f"{path}:{number} has no field {self.field!r} (found: {found})")

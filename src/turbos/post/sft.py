@@ -4,12 +4,20 @@ Data: JSONL files, one conversation per line: ``{"messages": [{"role": "user", "
 {"role": "assistant", "content": ...}, ...]}`` (system turns and several rounds allowed; an
 assistant turn may hold ``<think>...</think>`` or a ``reasoning_content`` field). Conversations
 render with the serving chat template (``turbos.serve.chat_template.render_chat``), so training
-and inference see the same text; the loss covers each assistant reply and its closing ``<|end|>``.
+and inference see the same text; the loss covers each assistant reply and its closing ``<|end|>``,
+found by the positions of the role and ``<|end|>`` tokens. The template drops the reasoning of
+assistant turns before the last user message (the model never sees it there), so such a turn that
+had reasoning carries no loss: training its bare answer would teach answering without thinking.
+A conversation with no reply left to train is an error.
 
 One conversation per row, right-padded: no attention between samples and every Mamba2 state starts
 from zero, at the cost of padding. (Packing several conversations into a row would need
 per-sample state resets inside the scan; at the lengths SFT uses here, padding is cheaper to get
-right.) Several datasets mix by weight: each row's dataset is drawn with probability weight / sum.
+right.) Several datasets mix by weight: each row's dataset is drawn with probability weight / sum;
+a dataset left with no conversation (an empty file, or all longer than ``max_len``) is an error.
+
+A finished run (``OUTPUT_DIR/model`` or ``sft_summary.json``) is not started again over itself
+unless ``overwrite``; resuming it from its latest checkpoint reports it finished and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -30,15 +40,26 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from turbos.config import ConfigError
-from turbos.data.tokenizer import ASSISTANT_TOKEN, END_TOKEN, PAD_ID, load_tokenizer, save_tokenizer
+from turbos.data.tokenizer import (
+    ASSISTANT_TOKEN,
+    END_TOKEN,
+    PAD_ID,
+    SYSTEM_TOKEN,
+    USER_TOKEN,
+    load_tokenizer,
+    save_tokenizer,
+)
 from turbos.model import TurboSForCausalLM
 from turbos.model.hybrid import IGNORE_INDEX
-from turbos.serve.chat_template import render_chat, save_chat_template
-from turbos.train.checkpoint import load_checkpoint, open_run_dir, read_trainer_state, save_checkpoint
+from turbos.serve.chat_template import assistant_parts, render_chat, save_chat_template
+from turbos.train.checkpoint import load_checkpoint, open_run_dir, save_checkpoint
 from turbos.train.evaluate import autocast_context, resolve_device
 from turbos.train.metrics import MetricsLog, summarize_moe
 from turbos.train.optim import build_optimizer, expert_lr_scale, set_lr
-from turbos.train.recipe import apply_overrides
+from turbos.train.recipe import RecipeError, apply_overrides, coerce_fields
+
+SUMMARY_FILE = "sft_summary.json"
+MODEL_DIR = "model"
 
 
 @dataclass
@@ -63,6 +84,7 @@ class SFTRecipe:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
     expert_lr: str = "sqrt"
     loss_normalization: str = "token"
     """"token": the batch loss is the mean over all target tokens (long replies weigh more);
@@ -83,18 +105,27 @@ class SFTRecipe:
     """Free-form notes carried into the run directory (e.g. which stage of a pipeline)."""
 
     def __post_init__(self) -> None:
-        self.data = [
-            d if isinstance(d, SFTDataset) else SFTDataset(**_known(d, SFTDataset)) for d in self.data
-        ]
-        self.betas = tuple(self.betas)
+        try:
+            coerce_fields(self)  # types; numbers YAML read as strings ("1e-4") become numbers
+        except RecipeError as err:
+            raise ConfigError(f"sft recipe: {err}") from err
         if not self.data:
             raise ConfigError("sft recipe: data needs at least one {path, weight} entry")
-        for d in self.data:
+        for i, d in enumerate(self.data):
             if d.weight <= 0:
-                raise ConfigError(f"sft recipe: weight of {d.path} must be > 0")
+                raise ConfigError(f"sft recipe: data[{i}].weight of {d.path} must be > 0, got {d.weight}")
         for name in ("max_len", "batch_size", "steps", "group_by_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"sft recipe: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("checkpoint_interval", "keep_last", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sft recipe: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(
+                f"sft recipe: warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
+            )
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"sft recipe: betas must be in [0, 1), got {list(self.betas)}")
         if self.loss_normalization not in ("token", "sequence"):
             raise ConfigError(
                 "sft recipe: loss_normalization must be 'token' or 'sequence', "
@@ -154,33 +185,48 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict[str, Any]]]:
                     raise ValueError(f"{where}: each message needs role system, user or assistant")
                 if not isinstance(m.get("content"), str):
                     raise ValueError(f"{where}: message content must be a string")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError(f"{where}: no assistant message to learn from")
+                if not isinstance(m.get("reasoning_content", ""), str | None):
+                    raise ValueError(f"{where}: reasoning_content must be a string")
+            if not any(trained_turns(messages)):
+                raise ValueError(
+                    f"{where}: no assistant reply to learn from (replies before the last user message "
+                    "whose reasoning the chat template drops are not trained)"
+                )
             out.append(messages)
     return out
+
+
+def trained_turns(messages: Sequence[dict[str, Any]]) -> list[bool]:
+    """Per message, whether its reply is a training target: every assistant turn except those
+    before the last user message that had reasoning (``reasoning_content`` or a ``</think>``),
+    which ``render_chat`` drops from the history."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return [
+        m["role"] == "assistant" and not (i < last_user and assistant_parts(m)[0] is not None)
+        for i, m in enumerate(messages)
+    ]
 
 
 def encode_conversation(
     messages: Sequence[dict[str, Any]], tokenizer: Tokenizer
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and labels that are IGNORE_INDEX outside the
-    assistant replies. Each reply's span runs from after ``<|assistant|>`` through ``<|end|>``;
-    the markers are single special tokens, so tokenizing the pieces equals tokenizing the whole."""
-    text = render_chat(messages, add_generation_prompt=False)
-    ids: list[int] = []
-    labels: list[int] = []
-    rest = text
-    while rest:
-        head, marker, tail = rest.partition(ASSISTANT_TOKEN)
-        piece = tokenizer.encode(head + marker).ids
-        ids += piece
-        labels += [IGNORE_INDEX] * len(piece)
-        if not marker:
-            break
-        reply, end, rest = tail.partition(END_TOKEN)
-        piece = tokenizer.encode(reply + end).ids
-        ids += piece
-        labels += piece
+    """Token ids of the rendered conversation and labels that are IGNORE_INDEX outside the trained
+    assistant replies (``trained_turns``), each from after its ``<|assistant|>`` through its
+    ``<|end|>``. Turns are found by token position: every message renders as one role token, its
+    text and ``<|end|>``, and ``render_chat`` refuses special-token text inside a message."""
+    ids = tokenizer.encode(render_chat(messages, add_generation_prompt=False)).ids
+    role_ids = [tokenizer.token_to_id(token) for token in (SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)]
+    starts = [i for i, token in enumerate(ids) if token in role_ids]
+    end_id = tokenizer.token_to_id(END_TOKEN)
+    if len(starts) != len(messages) or any(ids[stop - 1] != end_id for stop in [*starts[1:], len(ids)]):
+        raise ValueError(
+            f"the rendered conversation does not split into its {len(messages)} turns by role and "
+            f"{END_TOKEN} tokens"
+        )
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, stop, trained in zip(starts, [*starts[1:], len(ids)], trained_turns(messages), strict=True):
+        if trained:
+            labels[start + 1 : stop] = ids[start + 1 : stop]
     return ids, labels
 
 
@@ -189,23 +235,42 @@ class EncodedData:
     ids: list[list[int]]
     labels: list[list[int]]
     source: list[int]
-    skipped: int
+    """The dataset index of each row."""
+    skipped: list[int]
+    """Per dataset, the conversations longer than max_len (left out)."""
 
 
 def encode_datasets(datasets: Sequence[SFTDataset], tokenizer: Tokenizer, max_len: int) -> EncodedData:
-    """Encode every conversation; those longer than max_len tokens are skipped and counted."""
-    data = EncodedData([], [], [], 0)
+    """Encode every conversation; those longer than max_len tokens are skipped and counted.
+
+    ValueError naming the dataset if one is left with no conversation: its weight would silently
+    go to the others."""
+    data = EncodedData([], [], [], [0] * len(datasets))
     for index, dataset in enumerate(datasets):
-        for messages in read_conversations(dataset.path):
-            ids, labels = encode_conversation(messages, tokenizer)
+        conversations = read_conversations(dataset.path)
+        kept = 0
+        for number, messages in enumerate(conversations, 1):
+            try:
+                ids, labels = encode_conversation(messages, tokenizer)
+            except ValueError as err:
+                raise ValueError(f"{dataset.path}: conversation {number}: {err}") from err
             if len(ids) > max_len:
-                data.skipped += 1
+                data.skipped[index] += 1
                 continue
             data.ids.append(ids)
             data.labels.append(labels)
             data.source.append(index)
-    if not data.ids:
-        raise ValueError(f"no conversation fits in max_len={max_len} tokens")
+            kept += 1
+        if not kept:
+            raise ValueError(
+                f"dataset {dataset.path} (weight {dataset.weight}) has no conversation to train on: "
+                + (
+                    f"every one of its {len(conversations)} conversations is longer than "
+                    f"max_len={max_len} tokens"
+                    if conversations
+                    else "the file holds none"
+                )
+            )
     return data
 
 
@@ -226,7 +291,7 @@ def row_sampler(data: EncodedData, weights: Sequence[float], seed: int) -> torch
     """Per-row probabilities so that dataset d supplies weight_d / sum(weights) of the rows."""
     counts = torch.bincount(torch.tensor(data.source), minlength=len(weights)).double()
     w = torch.tensor(weights, dtype=torch.double)
-    per_row = (w / counts.clamp(min=1))[torch.tensor(data.source)]
+    per_row = (w / counts)[torch.tensor(data.source)]
     return per_row / per_row.sum()
 
 
@@ -310,31 +375,54 @@ def run_sft(
     ``OUTPUT_DIR/checkpoints/step-N``. ``resume`` ('auto' or a checkpoint directory) continues a
     run where it stopped, with the same weights bit for bit on CPU as a run that never stopped: the
     batch stream is replayed to the checkpoint's step, and the model, optimizer and RNG states are
-    restored. An output directory that holds checkpoints is refused unless resuming or ``overwrite``.
+    restored. An output directory that holds checkpoints, or a finished run (``model/``,
+    ``sft_summary.json``), is refused unless resuming or ``overwrite`` (which deletes them).
+    Resuming a finished run from its latest checkpoint returns its summary and changes nothing;
+    from an earlier one (a rewind), the later checkpoints and the finished model and summary move
+    to ``checkpoints/abandoned-<time>/`` (``turbos.train.checkpoint.open_run_dir``).
     ``stop_at``: stop after that step (the model is exported only when all ``steps`` are done).
     """
     if stop_at is not None and not 0 < stop_at <= recipe.steps:
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
-    checkpoint = open_run_dir(out, resume, overwrite)
+    outputs = (out / MODEL_DIR, out / SUMMARY_FILE)
+    finished = [path for path in outputs if path.exists()]
+    if resume is None and finished:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} holds a finished SFT run ({', '.join(path.name for path in finished)}): pass "
+                "--overwrite to replace it, or choose another output_dir"
+            )
+        for path in finished:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     current = recipe_state(recipe)
-    if checkpoint is not None:
-        saved = read_trainer_state(checkpoint).get("recipe", {})
-        changed = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
-        if changed:
-            raise ValueError(f"checkpoint {checkpoint} was trained with a different recipe: {changed} differ")
+    checkpoint = open_run_dir(out, resume, overwrite, current, outputs)
+    if checkpoint is not None and (out / SUMMARY_FILE).is_file():
+        print(
+            f"{out} is already finished (resumed from its latest checkpoint {checkpoint}); nothing to do",
+            file=sys.stderr,
+        )
+        return json.loads((out / SUMMARY_FILE).read_text())
     torch.manual_seed(recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     device = resolve_device(recipe.device)
     model = TurboSForCausalLM.from_pretrained(recipe.model, device=device).train()
+    if recipe.max_len > model.config.max_position_embeddings:
+        raise ConfigError(
+            f"sft recipe: max_len={recipe.max_len} exceeds the max_position_embeddings="
+            f"{model.config.max_position_embeddings} of the model {recipe.model}"
+        )
     tokenizer = load_tokenizer(recipe.model)
     tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")  # copied into every checkpoint
     data = encode_datasets(recipe.data, tokenizer, recipe.max_len)
     probs = row_sampler(data, [d.weight for d in recipe.data], recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     c = model.config
-    scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts) if c.num_experts else 1.0
+    scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts)
     optimizer = build_optimizer(model, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale)
     per_sequence = recipe.loss_normalization == "sequence"
     batches = batch_rows(
@@ -345,10 +433,10 @@ def run_sft(
         recipe.group_by_length,
         generator,
     )
-    first, tokens = 0, 0
+    first, tokens, loss_value = 0, 0, float("nan")
     if checkpoint is not None:
         resumed = load_checkpoint(checkpoint, model, optimizer)  # weights, optimizer and RNG states
-        first, tokens = resumed["step"], resumed["tokens"]
+        first, tokens, loss_value = resumed["step"], resumed["tokens"], resumed.get("loss", loss_value)
         for _ in range(first):  # the batch stream replayed to where the run stopped
             next(batches)
     end = recipe.steps if stop_at is None else max(stop_at, first)
@@ -361,7 +449,7 @@ def run_sft(
         disable=not progress,
         dynamic_ncols=True,
     )
-    start, loss_value = time.perf_counter(), float("nan")
+    start = time.perf_counter()
     for step in bar:
         rows, weight = next(batches)
         input_ids, mask, labels = (
@@ -378,7 +466,7 @@ def run_sft(
         optimizer.zero_grad(set_to_none=True)
         lm_loss = sequence_mean_loss(result.logits, labels) if per_sequence else result.lm_loss
         (lm_loss * weight + result.aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip or math.inf).item()
         optimizer.step()
         step_tokens = int(mask.sum())
         tokens += step_tokens
@@ -401,7 +489,7 @@ def run_sft(
         if (recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0) or (
             done == end < recipe.steps
         ):
-            trainer_state = {"step": done, "tokens": tokens, "recipe": current}
+            trainer_state = {"step": done, "tokens": tokens, "loss": loss_value, "recipe": current}
             save_checkpoint(
                 out, done, model, optimizer, trainer_state, tokenizer_dir, keep_last=recipe.keep_last
             )
@@ -409,15 +497,19 @@ def run_sft(
     if end < recipe.steps:
         return {"steps": end, "stopped_at": end, "tokens": tokens, "wall_s": time.perf_counter() - start}
     model.eval()
-    export_model(model, tokenizer, out / "model")
+    export_model(model, tokenizer, out / MODEL_DIR)
     summary = {
         "steps": recipe.steps,
         "conversations": len(data.ids),
-        "skipped_too_long": data.skipped,
+        "skipped_too_long": sum(data.skipped),
+        "datasets": [
+            {"path": d.path, "conversations": data.source.count(i), "skipped_too_long": data.skipped[i]}
+            for i, d in enumerate(recipe.data)
+        ],
         "tokens": tokens,
         "final_loss": loss_value,
         "wall_s": time.perf_counter() - start,
-        "model_dir": str(out / "model"),
+        "model_dir": str(out / MODEL_DIR),
     }
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -149,8 +149,9 @@ def resolve_thinking_mode(messages: Sequence[Message], mode: str | None = None) 
     return resolved
 
 
-def _assistant_parts(message: Message) -> tuple[str | None, str]:
-    """(reasoning or None, answer) of an assistant message in the history."""
+def assistant_parts(message: Message) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of an assistant message: its ``reasoning_content``, or the
+    ``<think>...</think>`` part of its content."""
     content = message.get("content") or ""
     reasoning = message.get("reasoning_content")
     if reasoning is None and END_THINK_TOKEN in content:
@@ -178,7 +179,7 @@ def render_chat(
             raise ValueError(f"message {i}: role must be system, user or assistant, got {role!r}")
         _check_content(i, message)
         if role == "assistant":
-            reasoning, text = _assistant_parts(message)
+            reasoning, text = assistant_parts(message)
             if reasoning is not None and i > last_user:
                 text = THINK_TOKEN + reasoning + END_THINK_TOKEN + text
         else:

@@ -11,6 +11,10 @@ Layout of ``RUN_DIR/checkpoints/step-00000100/``:
 Everything is written into a hidden temporary directory (``.tmp-step-...``), flushed to disk,
 and renamed into place, so a kill during a save leaves the previous checkpoint untouched and
 ``latest_checkpoint`` (which reads only ``step-N`` names) never picks a partial one.
+
+Resuming from a checkpoint that is not the run's latest (a rewind) abandons the later ones: they
+move, with a copy of metrics.jsonl, into ``checkpoints/abandoned-<timestamp>/``, so that neither
+keep-last nor ``--resume auto`` mixes the two branches and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +36,11 @@ from safetensors.torch import load_file
 
 from turbos.config import TurboSConfig
 from turbos.model import TurboSForCausalLM
+from turbos.train.metrics import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+ABANDONED_PREFIX = "abandoned-"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TMP_PREFIX = ".tmp-"
 
@@ -69,15 +78,32 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def open_run_dir(run_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Path | None:
+def open_run_dir(
+    run_dir: str | os.PathLike,
+    resume: str | os.PathLike | None,
+    overwrite: bool,
+    recipe: dict[str, Any] | None = None,
+    outputs: Sequence[Path] = (),
+) -> Path | None:
     """The checkpoint a run resumes from, or None for a fresh start.
 
     ``resume``: a checkpoint directory, or 'auto' for the run's latest. Without it, a run directory
     that already holds checkpoints is refused unless ``overwrite`` (which deletes them), so a
     finished or interrupted run is never lost by starting again by mistake.
+
+    ``recipe``: what identifies the run's training (``trainer_state["recipe"]`` of its
+    checkpoints); a checkpoint that recorded a different one is refused, naming the differing
+    fields. Resuming from an earlier checkpoint than the run's latest moves the later ones, and
+    the run's ``outputs`` that exist (its final model...), into ``checkpoints/abandoned-<time>/``.
     """
     if resume is not None:
-        return resolve_resume(resume, run_dir)
+        checkpoint = resolve_resume(str(resume), run_dir)
+        if recipe is not None:
+            check_recipe(checkpoint, recipe)
+        later = later_checkpoints(run_dir, checkpoint)
+        if later:
+            abandon(run_dir, [*later, *(path for path in outputs if path.exists())], checkpoint)
+        return checkpoint
     if list_checkpoints(run_dir):
         if not overwrite:
             raise FileExistsError(
@@ -86,6 +112,65 @@ def open_run_dir(run_dir: str | os.PathLike, resume: str | None, overwrite: bool
             )
         shutil.rmtree(checkpoint_root(run_dir))
     return None
+
+
+def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
+    """Dotted keys (``stages.1.steps``) at which two JSON values differ: mappings and lists of the
+    same length are compared item by item, anything else as a whole."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        pairs = [(key, saved.get(key), current.get(key)) for key in sorted(saved.keys() | current.keys())]
+    elif isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        pairs = [(str(i), a, b) for i, (a, b) in enumerate(zip(saved, current, strict=True))]
+    else:
+        return [] if saved == current else [where]
+    return [diff for key, a, b in pairs for diff in _differences(a, b, f"{where}.{key}" if where else key)]
+
+
+def check_recipe(checkpoint: Path, recipe: dict[str, Any]) -> None:
+    """ValueError naming the fields in which ``recipe`` differs from the one the checkpoint recorded."""
+    saved = read_trainer_state(checkpoint).get("recipe")
+    if saved is None:
+        print(
+            f"warning: checkpoint {checkpoint} does not record its recipe (an older version wrote it); "
+            "resuming without checking that the recipe is unchanged",
+            file=sys.stderr,
+        )
+        return
+    changed = _differences(saved, recipe)
+    if changed:
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained with a different recipe: {changed} differ (a resumed "
+            "run may change only where it writes, how often it saves and where it runs)"
+        )
+
+
+def later_checkpoints(run_dir: str | os.PathLike, checkpoint: Path) -> list[Path]:
+    """The run's checkpoints of later steps than ``checkpoint`` (which may belong to another run)."""
+    step = read_trainer_state(checkpoint)["step"]
+    return [path for path in list_checkpoints(run_dir) if int(_STEP_DIR.fullmatch(path.name)[1]) > step]
+
+
+def abandon(run_dir: str | os.PathLike, paths: Sequence[Path], resumed: Path) -> Path:
+    """Move ``paths`` (the branch a rewind to ``resumed`` abandons) and a copy of the run's
+    metrics.jsonl into a new ``checkpoints/abandoned-<time>/`` folder; prints where they went."""
+    root = checkpoint_root(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, number = root / f"{ABANDONED_PREFIX}{stamp}", 1
+    while folder.exists():
+        number += 1
+        folder = root / f"{ABANDONED_PREFIX}{stamp}-{number}"
+    folder.mkdir(parents=True)
+    for path in paths:
+        shutil.move(path, folder / path.name)
+    metrics = Path(run_dir) / METRICS_FILE
+    if metrics.is_file():
+        shutil.copy2(metrics, folder / METRICS_FILE)
+    print(
+        f"resuming from {resumed}, before the run's latest checkpoint: moved the abandoned branch "
+        f"({', '.join(path.name for path in paths)}) and a copy of {METRICS_FILE} to {folder}",
+        file=sys.stderr,
+    )
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +238,8 @@ def save_checkpoint(
     tokenizer_dir: Path | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Atomically write the checkpoint of ``step``; then keep only the newest ``keep_last`` (0: all)."""
+    """Atomically write the checkpoint of ``step``; then keep only the newest ``keep_last`` (0: all),
+    never deleting the one just written."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
@@ -172,7 +258,8 @@ def save_checkpoint(
         os.replace(tmp, final)
     if keep_last:
         for path in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(path)
+            if path != final:
+                shutil.rmtree(path)
     return final
 
 

@@ -29,16 +29,15 @@ def expert_lr_scale(rule: str, top_k: int, num_experts: int) -> float:
     scale its LR by the Adam batch-size / LR relation, under which the best LR grows as the square
     root of the batch for batches well below the noise scale: ``sqrt`` gives
     sqrt(top_k / num_experts) (0.25 for the report's top-2 of 32). ``linear`` is the SGD-style
-    rule top_k / num_experts; ``none`` uses the base LR.
+    rule top_k / num_experts; ``none`` uses the base LR. A dense model (``num_experts=0``) has no
+    routed experts: 1.0.
     """
-    fraction = top_k / num_experts
-    if rule == "sqrt":
-        return math.sqrt(fraction)
-    if rule == "linear":
-        return fraction
-    if rule == "none":
+    if rule not in ("sqrt", "linear", "none"):
+        raise ValueError(f"unknown expert LR rule {rule!r}; choose 'sqrt', 'linear' or 'none'")
+    if rule == "none" or num_experts == 0:
         return 1.0
-    raise ValueError(f"unknown expert LR rule {rule!r}; choose 'sqrt', 'linear' or 'none'")
+    fraction = top_k / num_experts
+    return math.sqrt(fraction) if rule == "sqrt" else fraction
 
 
 def param_groups(

@@ -27,9 +27,10 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
 
 
 def _stage_boundaries(ax: Any, train: list[dict[str, Any]]) -> None:
-    """Dotted vertical lines where the stage changes, labelled with the new stage."""
+    """Dotted vertical lines where the stage changes, labelled with the new stage (none for an SFT
+    run, whose records have no stage)."""
     for before, after in zip(train, train[1:], strict=False):
-        if after["stage"] != before["stage"]:
+        if after.get("stage") != before.get("stage"):
             ax.axvline(before["step"], color="grey", linestyle=":", linewidth=1)
             ax.annotate(
                 after["stage"],

@@ -191,7 +191,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
-def _number(value: Any) -> float | None:
+def yaml_number(value: Any) -> float | None:
     """A YAML value as a number: YAML 1.1 reads '5e-6' (no dot) as a string, so accept that too."""
     if isinstance(value, bool):
         return None
@@ -228,7 +228,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise RecipeError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+        return _build(tp, dataclasses.asdict(value) if isinstance(value, tp) else value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
+        )
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
@@ -245,7 +251,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise RecipeError(f"{where}: expected a string, got {value!r}")
         return value
-    number = _number(value)
+    number = yaml_number(value)
     if tp is float and number is not None and math.isfinite(number):
         return float(number)
     if tp is int and number is not None and math.isfinite(number) and float(number).is_integer():
@@ -268,6 +274,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
         key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in data.items()
     }
     return cls(**values)
+
+
+def coerce_fields(instance: Any) -> None:
+    """Check every field of a dataclass instance against its type hint, in place, as recipes are
+    checked: numbers written as strings (YAML 1.1 reads ``1e-4`` as one) become numbers, and a
+    value of the wrong type or a non-finite number is a RecipeError that names the field."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        setattr(instance, f.name, _coerce(getattr(instance, f.name), hints[f.name], f.name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +349,7 @@ def validate_recipe(recipe: Recipe) -> None:
     data, opt, tok = recipe.data, recipe.optimizer, recipe.data.tokenizer
     if data.sources is None:
         raise RecipeError("data.sources is required: a source spec string or a list of them")
+    _check_sources(data.sources, "data.sources")
     if (tok.path is None) == (tok.vocab_size is None):
         raise RecipeError("data.tokenizer needs exactly one of 'path' (load) and 'vocab_size' (train)")
     for name in ("seq_len", "batch_size", "grad_accum"):
@@ -347,11 +363,17 @@ def validate_recipe(recipe: Recipe) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(opt, name) < 1:
             raise RecipeError(f"optimizer.{name} must be in [0, 1), got {getattr(opt, name)}")
-    if opt.weight_decay < 0 or opt.grad_clip < 0:
-        raise RecipeError("optimizer.weight_decay and optimizer.grad_clip must be >= 0")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(opt, name) < 0:
+            raise RecipeError(f"optimizer.{name} must be >= 0, got {getattr(opt, name)}")
     if recipe.schedule.warmup_steps < 0:
         raise RecipeError("schedule.warmup_steps must be >= 0")
     _positive(recipe.schedule.min_lr, "schedule.min_lr")
+    if recipe.schedule.min_lr > opt.lr:
+        raise RecipeError(
+            f"schedule.min_lr={recipe.schedule.min_lr} exceeds optimizer.lr={opt.lr}: "
+            "a cosine stage would raise the LR instead of annealing it"
+        )
     if recipe.eval.interval < 0 or recipe.eval.batches <= 0:
         raise RecipeError("eval.interval must be >= 0 and eval.batches > 0")
     if recipe.checkpoint.interval <= 0 or recipe.checkpoint.keep_last < 0:
@@ -361,6 +383,16 @@ def validate_recipe(recipe: Recipe) -> None:
     except ConfigError as err:
         raise RecipeError(f"model: {err}") from err
     _validate_stages(recipe, config)
+
+
+def _check_sources(sources: Any, where: str) -> None:
+    """A source spec string, a {source, ...} mapping, or a non-empty list of them."""
+    entries = sources if isinstance(sources, list) else [sources]
+    if not entries or not all(isinstance(entry, (str, dict)) for entry in entries):
+        raise RecipeError(
+            f"{where}: expected a source spec string, a {{source, ...}} mapping or a non-empty list "
+            f"of them, got {sources!r}"
+        )
 
 
 def _validate_stages(recipe: Recipe, config: TurboSConfig) -> None:
@@ -392,6 +424,9 @@ def _validate_stages(recipe: Recipe, config: TurboSConfig) -> None:
                 f"(previous stage: seq_len {prev_len}, alpha {prev_alpha})"
             )
         prev_len, prev_alpha = seq_len, stage.rope_alpha
+        for name in ("sources", "long_sources"):
+            if getattr(stage, name) is not None:
+                _check_sources(getattr(stage, name), f"{where}.{name}")
         _positive(stage.lr, f"{where}.lr")
         _positive(stage.batch_size, f"{where}.batch_size")
         _positive(stage.grad_accum, f"{where}.grad_accum")

@@ -8,11 +8,13 @@ the global grad norm, sets each param group's LR from the schedule and steps Ada
 
 Resume is exact: weights, optimizer, schedule position, data position and every RNG (MoE recycle
 routing draws from torch's global generator) come back from the checkpoint, so N/2 steps +
-resume + N/2 steps gives the same weights bit for bit as N steps on CPU.
+resume + N/2 steps gives the same weights bit for bit as N steps on CPU. A checkpoint records
+the recipe (less ``RESUMABLE_CHANGES``) and refuses to resume under a different one.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -38,6 +40,16 @@ from turbos.train.schedule import LRSchedule
 
 RECIPE_FILE = "recipe.yaml"
 
+# Recipe sections a resumed run may change: where it writes, how often it saves and validates,
+# where it runs. Every other field shapes the batches or the updates.
+RESUMABLE_CHANGES = frozenset({"output_dir", "checkpoint", "eval", "device", "precision"})
+
+
+def recipe_state(recipe: Recipe) -> dict[str, Any]:
+    """What identifies a run's training (JSON types): the recipe less ``RESUMABLE_CHANGES``."""
+    state = json.loads(json.dumps(recipe.to_dict()))
+    return {key: value for key, value in state.items() if key not in RESUMABLE_CHANGES}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -58,7 +70,8 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
         self.progress = progress
-        checkpoint = open_run_dir(self.run_dir, resume, overwrite)
+        self.recipe_state = recipe_state(recipe)
+        checkpoint = open_run_dir(self.run_dir, resume, overwrite, self.recipe_state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
@@ -196,6 +209,7 @@ class Trainer:
             "schedule": {"step": self.step, "next_lr": self.schedule(self.step)},
             "data": self.stream.state_dict(),
             "val_loss": self.last_val_loss,
+            "recipe": self.recipe_state,
         }
         return save_checkpoint(
             self.run_dir,
