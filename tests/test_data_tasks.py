@@ -8,8 +8,10 @@ import pytest
 
 from turbos.data.tasks import (
     TASK_FAMILIES,
+    Problem,
     extract_answer,
     generate_problems,
+    normalize_answer,
     render_document,
     render_short,
     render_steps,
@@ -55,6 +57,12 @@ def test_a_level_with_too_few_problems_gives_all_it_has_and_others_make_up():
     problems = generate_problems(400, families=["add"], levels=[1, 2])
     counts = Counter(p.level for p in problems)
     assert len(problems) == 400 and counts[1] < 100, "single-digit addition has only 100 questions"
+
+
+def test_a_family_or_level_named_twice_counts_once():
+    once = generate_problems(40, families=["add", "expr"], levels=[2, 3], seed=4)
+    assert generate_problems(40, families=["add", "expr", "add"], levels=[2, 3, 2], seed=4) == once
+    assert len({p.question for p in generate_problems(60, families=["add", "add"], levels=[1, 1])}) == 60
 
 
 def test_asking_for_more_problems_than_exist_is_an_error():
@@ -149,7 +157,38 @@ def test_chain_steps_end_with_everyone_in_order():
         ("the answer is 42", None),
         ("Answer:   ", None),
         ("", None),
+        # An answer line starts with "Answer:"; the last one wins; "answer:" inside a line is text.
+        ("answer: 7\n(my answer: wrong)", "7"),
+        ("Answer: x\nI hope this answer: helps", "x"),
+        ("my final answer: 7", None),
+        ("<think></think>Answer: 3", "3"),
+        # Markdown emphasis and $...$ around the label or the value.
+        ("**Answer:** 42", "42"),
+        ("**Answer**: 42", "42"),
+        ("**Answer: 42**", "42"),
+        ("Answer: **42**.", "42"),
+        ("Answer: $42$", "42"),
+        ("Answer: $$-3$$", "-3"),
+        # Numbers by value.
+        ("Answer: 1,000", "1000"),
+        ("Answer: 1,000,000.50", "1000000.5"),
+        ("Answer: 2.50", "2.5"),
+        ("Answer: 1.0", "1"),
+        ("Answer: .5", "0.5"),
+        ("Answer: \N{MINUS SIGN}5", "-5"),
+        ("Answer: -0.0", "0"),
+        ("Answer: 1,00", "1,00"),
     ],
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_answers_compare_by_value_whatever_their_length():
+    def problem(answer):
+        return Problem("user", 0, "q", normalize_answer(answer), (), "1")
+
+    assert verify(problem("1,000"), "Answer: 1000") and verify(problem("-5"), "Answer: \N{MINUS SIGN}5")
+    huge = "7" * 5000  # int() refuses strings over 4300 digits
+    assert verify(problem(huge), f"Answer: {huge}") and not verify(problem(huge), f"Answer: {huge}7")
+    assert not verify(problem("12345678901234567890123456789012"), "Answer: 12345678901234567890123456789013")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -14,11 +19,16 @@ from turbos.post.cot_fusion import (
     CHECK,
     REFLECTION,
     BuiltinTeacher,
+    EndpointTeacher,
+    FusedExample,
     ModelTeacher,
+    TeacherError,
+    check_output,
     fuse_dataset,
     fuse_example,
     house_style,
     teacher_prompt,
+    write_jsonl,
 )
 
 
@@ -189,9 +199,141 @@ def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:
     assert main([*args, "--max-tokens", "4", "--check-share", "2"]) != 0
     assert "check_share must be in [0, 1]" in capsys.readouterr().err
     # A turbos model directory as the teacher (this random one never reaches the answer: dropped).
-    teacher = ["--teacher", "model", "--teacher-max-tokens", "8", "--max-rounds", "1"]
-    assert main([*args, "--max-tokens", "4", *teacher]) == 2
+    # --teacher-dir alone picks the model teacher (it was ignored, and the builtin one ran).
+    teacher = ["--teacher-max-tokens", "8", "--max-rounds", "1"]
+    assert main([*args, "--max-tokens", "4", "--teacher", "model", *teacher]) == 2
     assert "needs --teacher-dir" in capsys.readouterr().err
-    assert main([*args, "--max-tokens", "4", *teacher, "--teacher-dir", str(directory)]) == 0
-    stats = json.loads(capsys.readouterr().out.split("\nwrote")[0])
-    assert stats["total"] == 4 and stats["short"] + stats["long"] + stats["dropped"] == 4
+    assert main([*args, "--max-tokens", "4", *teacher, "--teacher-dir", str(directory)]) == 1
+    printed = capsys.readouterr()
+    stats = json.loads(printed.out.split("\nwrote")[0])
+    assert (stats["total"], stats["dropped"]) == (4, 4), "the model teacher, not the builtin one"
+    assert "warning: no examples kept (4 dropped)" in printed.err, "zero examples: a warning, exit 1"
+    assert output.read_text() == ""
+
+
+def test_answer_lines_are_one_anchored_definition_in_house_style() -> None:
+    comment = "Adding.\nAnswer: 42\n(Double-check: my answer: correct)"
+    assert house_style(None, comment) == "Adding.\n(Double-check: my answer: correct)\nAnswer: 42"
+    assert house_style(None, "Let me add them.\n**Answer:** 42") == "Let me add them.\nAnswer: 42"
+    assert house_style("So the final answer: 42", "Answer: 42") == "So the final answer: 42\nAnswer: 42"
+
+
+def test_a_short_reply_with_its_own_think_block_is_judged_and_kept_by_its_answer() -> None:
+    p = problems(1)[0]
+    right = f"<think>\n7 plus 5...\n</think>\nAnswer: {p.answer}"
+    ex = fuse_example(p, [right, render_short(p)], BuiltinTeacher())
+    assert ex.response == "<think></think>" + render_short(p), "no nested think blocks"
+    wrong = "<think>\nhmm\n</think>\nAnswer: 1"
+    ex = fuse_example(p, wrong, BuiltinTeacher())
+    assert ex.response.startswith("<think>\nAnswer: 1\n" + REFLECTION)
+    assert "hmm" not in ex.response, "a failed attempt's own reasoning is not carried"
+    assert ex.response.count("<think>") == ex.response.count("</think>") == 1
+    inside = "<think>\nAnswer: " + p.answer + "\n</think>\n"  # right only inside the reasoning
+    assert fuse_example(p, inside, BuiltinTeacher()).thought, "the answer after </think> is what counts"
+
+
+def completion(content: str | None) -> tuple[int, dict]:
+    message = {"role": "assistant", "content": content}
+    choice = {"index": 0, "finish_reason": "stop", "message": message}
+    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "t", "choices": [choice]}
+
+
+@contextmanager
+def fake_endpoint(reply: Callable[[str], tuple[int, dict]]) -> Iterator[str]:
+    """An OpenAI-compatible chat endpoint on loopback answering ``reply(prompt)`` = (status, JSON)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = reply(body["messages"][0]["content"])
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_empty_or_malformed_endpoint_reply_is_a_failed_round() -> None:
+    p = problems(1)[0]
+    no_choices = completion(None)
+    no_choices[1]["choices"] = []
+    for status, payload in (no_choices, completion(None), completion("   ")):
+        with fake_endpoint(lambda prompt, reply=(status, payload): reply) as url:
+            teacher = EndpointTeacher(url, "t")
+            assert fuse_example(p, "Answer: 0", teacher, max_rounds=2) is None, payload
+            assert teacher.empty_replies == 2
+    with fake_endpoint(lambda prompt: completion(f"Let me add.\n**Answer:** {p.answer}")) as url:
+        ex = fuse_example(p, "Answer: 0", EndpointTeacher(url, "t"))
+    assert ex.teacher_rounds == 1 and ex.response.endswith("Let me add.\n</think>\n" + render_short(p))
+    with fake_endpoint(lambda prompt: completion("Answer: " + "7" * 5000)) as url:
+        assert fuse_example(p, "Answer: 0", EndpointTeacher(url, "t"), max_rounds=1) is None, "no crash"
+
+
+def test_an_unreachable_or_failing_endpoint_raises_a_one_line_teacher_error() -> None:
+    p = problems(1)[0]
+    with pytest.raises(TeacherError, match="APIConnectionError"):
+        EndpointTeacher(f"http://127.0.0.1:{free_port()}/v1", "t").probe(p)
+    failing = fake_endpoint(lambda prompt: (500, {"error": {"message": "oops\nmore"}}))
+    with failing as url, pytest.raises(TeacherError, match="InternalServerError") as caught:
+        fuse_example(p, "Answer: 0", EndpointTeacher(url, "t"))
+    assert "\n" not in str(caught.value)
+
+
+def test_turbos_fuse_cot_checks_the_output_and_the_teacher_before_loading_the_model(tmp_path, capsys) -> None:
+    # --model names no model: each error below comes before it is loaded.
+    args = ["fuse-cot", "--model", str(tmp_path / "absent"), "--n", "2", "--levels", "2"]
+    output = tmp_path / "fused.jsonl"
+    assert main([*args, "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"turbos fuse-cot: error: output {str(tmp_path)!r} is a directory\n"
+    assert main([*args, "--output", str(tmp_path / "no" / "fused.jsonl")]) == 2
+    assert "no directory" in capsys.readouterr().err
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert main([*args, "--output", str(output), "--teacher-url", url]) == 2, (
+        "--teacher-url picks the endpoint"
+    )
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"turbos fuse-cot: error: teacher endpoint {url}: APIConnectionError")
+        and err.count("\n") == 1
+    )
+    for bad, message in (
+        (["--teacher", "builtin", "--teacher-url", url], "--teacher-url is for --teacher endpoint"),
+        (["--teacher", "endpoint", "--teacher-dir", str(tmp_path)], "--teacher-dir is for --teacher model"),
+        (["--teacher-url", url, "--teacher-dir", str(tmp_path)], "not both"),
+    ):
+        assert main([*args, "--output", str(output), *bad]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--output", str(output), "--samples", "-1"])
+    assert "--samples: must be at least 0, got -1" in capsys.readouterr().err
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fused_data_is_written_atomically(tmp_path) -> None:
+    p = problems(1)[0]
+    path = tmp_path / "fused.jsonl"
+    path.write_text("earlier\n")
+    broken = SimpleNamespace(to_record=lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_jsonl([FusedExample(p, render_short(p), False, 0), broken], path)
+    assert path.read_text() == "earlier\n" and list(tmp_path.iterdir()) == [path], "no partial file"
+    write_jsonl([FusedExample(p, render_short(p), False, 0)], check_output(path))
+    assert json.loads(path.read_text())["meta"]["uid"] == p.uid and list(tmp_path.iterdir()) == [path]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from serve_helpers import running_server, save_model_dir
-from turbos.cli import main
+from turbos.cli import build_parser, main
 from turbos.data.tasks import generate_problems
 from turbos.post.cot_fusion import EndpointTeacher, ModelTeacher, fuse_example
 from turbos.post.demo import DemoSettings, adaptive_sft_recipe, check_targets, run_demo
@@ -26,6 +26,7 @@ def test_endpoint_teacher_talks_to_turbos_serve_on_loopback(tmp_path) -> None:
     problem = generate_problems(1, families=["add"], levels=[3], seed=5)[0]
     with running_server(LLMEngine.from_pretrained(model_dir, seed=0), model_name="teacher") as (url, _):
         teacher = EndpointTeacher(f"{url}/v1", "teacher", max_tokens=24)
+        teacher.probe(problem)  # one token: the server is there and knows the model
         reply = teacher.continue_reasoning(problem, ["Answer: 7"])
         rounds = []
 
@@ -92,6 +93,24 @@ def test_user_problem_files_are_validated(tmp_path) -> None:
     path.write_text('{"question": "2+2?", "answer": " 04 ", "level": 1}\n')
     assert read_problems(path)[0].answer == "4"
 
+    def write(*records: dict) -> Path:
+        path.write_text("".join(json.dumps({"question": "q", "answer": "4", **r}) + "\n" for r in records))
+        return path
+
+    for level in (None, [1], "hard", 2.9, True):  # 2.9 was read as level 2
+        with pytest.raises(ValueError, match=r"p.jsonl:2: 'level' must be an integer, got"):
+            read_problems(write({}, {"level": level}))
+    with pytest.raises(ValueError, match="p.jsonl:1: 'family' must be a string"):
+        read_problems(write({"family": None}))
+    with pytest.raises(ValueError, match="p.jsonl:3: id '1' repeats line 1's"):
+        read_problems(write({"id": "1"}, {}, {"id": 1}))
+    with pytest.raises(ValueError, match="p.jsonl:2: id '1' repeats line 1's"):
+        read_problems(write({}, {"id": 1}))  # a record with no id has its line number
+    with pytest.raises(ValueError, match="p.jsonl: no problems"):
+        read_problems(write())
+    problem = read_problems(write({"id": "x", "level": 3, "family": "f"}))[0]
+    assert (problem.uid, problem.level, problem.family) == ("x", 3, "f")
+
 
 def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
@@ -151,15 +170,38 @@ def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> No
         ("families=[add, sort]", "unknown task family 'sort'"),
         ("levels=[]", "must not be empty"),
         ("adaptive_steps=0", "adaptive_steps must be at least 1"),
+        ("eval_per_level=0", "eval_per_level must be at least 1"),
+        ("max_tokens=0", "max_tokens must be at least 1"),
+        ("short_problems=0", "short_problems must be at least 1"),
+        ("fusion_samples=-1", "fusion_samples must be at least 0"),
+        ("general_chats=-1", "general_chats must be at least 0"),
+        ("fusion_temperature=-0.5", "fusion_temperature must be finite and >= 0"),
+        ("fusion_temperature=.inf", "fusion_temperature must be finite and >= 0"),
+        ("sft_lr=0", "sft_lr must be finite and > 0"),
+        ("sft_lr=.nan", "sft_lr must be finite and > 0"),
+        ("sft_lr=fast", "sft_lr must be float"),
+        ("fusion_check_share=.nan", "fusion_check_share must be in"),
     ):
         with pytest.raises(ValueError, match=message):
             DemoSettings().with_overrides([bad])
+    # YAML reads 1e-3 (no dot) as a string: a number all the same.
+    changed = DemoSettings().with_overrides(["sft_lr=1e-3", "fusion_temperature=5e-1", "fusion_samples=0"])
+    assert (changed.sft_lr, changed.fusion_temperature, changed.fusion_samples) == (0.001, 0.5, 0)
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--check-share", "2", "--no-progress"]) != 0
     assert "fusion_check_share must be in [0, 1]" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(out), "short_steps=-", "--no-progress"]) != 0
     assert "short_steps must be int" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out), "eval_per_level=0", "--no-progress"]) != 0
+    assert "eval_per_level must be at least 1" in capsys.readouterr().err
     assert not out.exists(), "nothing ran"
+
+
+def test_demo_check_share_help_gives_the_defaults() -> None:
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    (action,) = [a for a in demo._actions if a.dest == "check_share"]
+    default, quick = DemoSettings().fusion_check_share, DemoSettings.quick().fusion_check_share
+    assert f"default {default:g}, {quick:g} with --quick" in action.help
 
 
 def test_the_adaptive_sft_recipe_file_is_the_demos_stage() -> None:

@@ -62,12 +62,39 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_kind(args: argparse.Namespace) -> str:
+    """``--teacher``, or the kind that ``--teacher-url`` / ``--teacher-dir`` imply (builtin with
+    neither); ValueError when they disagree."""
+    implied = [kind for kind, value in (("endpoint", args.teacher_url), ("model", args.teacher_dir)) if value]
+    if len(implied) == 2:
+        raise ValueError(
+            "give --teacher-url (an endpoint teacher) or --teacher-dir (a model teacher), not both"
+        )
+    if args.teacher is None:
+        return implied[0] if implied else "builtin"
+    if implied and implied[0] != args.teacher:
+        flag = "--teacher-url" if implied[0] == "endpoint" else "--teacher-dir"
+        raise ValueError(f"{flag} is for --teacher {implied[0]}, not --teacher {args.teacher}")
+    return args.teacher
+
+
 def _cmd_fuse_cot(args: argparse.Namespace) -> int:
+    from turbos.post.cot_fusion import TeacherError
+
+    try:
+        return _fuse_cot(args)
+    except TeacherError as err:
+        print(f"turbos fuse-cot: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _fuse_cot(args: argparse.Namespace) -> int:
     from turbos.data.tasks import generate_problems
     from turbos.post.cot_fusion import (
         BuiltinTeacher,
         EndpointTeacher,
         ModelTeacher,
+        check_output,
         check_share_value,
         fuse_dataset,
         write_jsonl,
@@ -75,17 +102,22 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     from turbos.post.evaluate import read_problems, repeated_answers
     from turbos.serve import LLMEngine
 
-    check_share_value(args.check_share)  # before minutes of generation
-
+    # Everything that can be checked is checked before minutes (or hours) of generation.
+    check_share_value(args.check_share)
+    check_output(args.output)
+    kind = _teacher_kind(args)
     if args.problems:
         problems = read_problems(args.problems)
     else:
         problems = generate_problems(args.n, families=args.families, levels=args.levels, seed=args.seed)
-    if args.teacher == "builtin":
+    if kind == "builtin":
         if any(not p.steps for p in problems):
-            raise ValueError("the builtin teacher needs built-in problems; use --teacher-url for your own")
+            raise ValueError(
+                "the builtin teacher needs built-in problems; for your own, give --teacher-url (an "
+                "OpenAI-compatible endpoint) or --teacher-dir (a turbos model directory)"
+            )
         teacher = BuiltinTeacher()
-    elif args.teacher == "model":
+    elif kind == "model":
         if not args.teacher_dir:
             raise ValueError("--teacher model needs --teacher-dir (a turbos model directory)")
         teacher_engine = LLMEngine.from_pretrained(args.teacher_dir, device=args.device)
@@ -96,6 +128,7 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
         teacher = EndpointTeacher(
             args.teacher_url, args.teacher_model, args.teacher_api_key, max_tokens=args.teacher_max_tokens
         )
+        teacher.probe(problems[0])
     engine = _load_engine(args)
     responses = repeated_answers(engine, problems, args.samples, args.temperature, args.seed, args.max_tokens)
     examples, stats = fuse_dataset(
@@ -104,6 +137,14 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
     write_jsonl(examples, args.output)
     print(json.dumps(stats.to_dict(), indent=2))
     print(f"wrote {len(examples)} examples to {args.output}")
+    if isinstance(teacher, EndpointTeacher) and teacher.empty_replies:
+        print(
+            f"turbos fuse-cot: warning: {teacher.empty_replies} teacher replies had no text (failed rounds)",
+            file=sys.stderr,
+        )
+    if not examples:
+        print(f"turbos fuse-cot: warning: no examples kept ({stats.dropped} dropped)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -203,6 +244,19 @@ def _add_resume_flags(p: argparse.ArgumentParser, step: str) -> None:
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the run's latest")
     p.add_argument("--overwrite", action="store_true", help="delete the run's existing checkpoints first")
     p.add_argument("--stop-at", type=int, help=f"stop after this {step} (continue later with --resume auto)")
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
 def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
@@ -359,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-share",
         type=float,
-        help="share of solved fusion problems checked in a think block (default 0; see README)",
+        help="share of solved fusion problems checked in a think block (default 0, 0.25 with "
+        "--quick; see README)",
     )
     p.add_argument(
         "overrides",
@@ -381,24 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, max_running=64)
     p.add_argument("--output", required=True, help="fused chat JSONL to write")
     p.add_argument("--problems", help="JSONL of {question, answer}; default: built-in problems")
-    p.add_argument("--n", type=int, default=2000, help="built-in problems to draw")
+    p.add_argument("--n", type=_int_at_least(1), default=2000, help="built-in problems to draw")
     p.add_argument("--families", nargs="+")
     p.add_argument("--levels", nargs="+", type=int)
     p.add_argument(
         "--teacher",
         choices=["builtin", "model", "endpoint"],
-        default="builtin",
         help="builtin: our step-by-step solver; model: a turbos model directory (--teacher-dir), "
-        "in-process, in think mode; endpoint: an OpenAI-compatible server (--teacher-url)",
+        "in-process, in think mode; endpoint: an OpenAI-compatible server (--teacher-url). Default: "
+        "what --teacher-url or --teacher-dir implies, else builtin",
     )
     p.add_argument("--teacher-dir", help="turbos model directory of --teacher model")
     p.add_argument("--teacher-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--teacher-model", default="teacher", help="model name sent to the endpoint")
     p.add_argument("--teacher-api-key", default="EMPTY")
-    p.add_argument("--teacher-max-tokens", type=int, default=512, help="tokens of each teacher continuation")
-    p.add_argument("--max-rounds", type=int, default=3)
     p.add_argument(
-        "--samples", type=int, default=0, help="sampled answers besides the greedy one; solved = all right"
+        "--teacher-max-tokens", type=_int_at_least(1), default=512, help="tokens of each teacher continuation"
+    )
+    p.add_argument("--max-rounds", type=_int_at_least(1), default=3)
+    p.add_argument(
+        "--samples",
+        type=_int_at_least(0),
+        default=0,
+        help="sampled answers besides the greedy one; solved = all right",
     )
     p.add_argument("--temperature", type=float, default=0.7, help="temperature of those samples")
     p.add_argument(
@@ -407,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of solved problems whose right answer is checked in a think block (0: as the report)",
     )
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens of the short model's attempt")
+    p.add_argument(
+        "--max-tokens", type=_int_at_least(1), default=64, help="tokens of the short model's attempt"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_fuse_cot)
 
@@ -510,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:
         print(f"turbos {args.command}: error: {err}", file=sys.stderr)
         return 2
 

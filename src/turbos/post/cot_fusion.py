@@ -21,7 +21,10 @@
        </think>
        Answer: 1357
 
-A correct short answer becomes ``<think></think>Answer: 42``. Optionally (``check_share``) a share
+A correct short answer becomes ``<think></think>Answer: 42``. A short-model reply that opened a
+think block of its own is judged, and kept, by its answer alone (after ``</think>``): a right one
+becomes the same ``<think></think>Answer: 42``, and a wrong one's reasoning is not carried into
+the failed attempt, which is only its answer. Optionally (``check_share``) a share
 of the solved problems instead get a think block that checks the right attempt and confirms it::
 
     <think>
@@ -43,20 +46,24 @@ model learns to decide on its own whether a problem needs thinking.
 Teachers are pluggable: ``BuiltinTeacher`` (our step-by-step solver), ``ModelTeacher`` (a turbos
 model directory, run in-process), or anything with a ``continue_reasoning(problem, attempts) ->
 str`` method, e.g. ``EndpointTeacher`` for any OpenAI-compatible server (a real reasoning model
-behind vLLM, or ``turbos serve``).
+behind vLLM, or ``turbos serve``). An endpoint reply with no usable text (no choices, no content)
+is a failed round like a wrong one; an endpoint that cannot be reached or answers with an error
+raises ``TeacherError``, so a long run stops at once rather than dropping every problem.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from turbos.data.tasks import Problem, extract_answer, render_short, verify
+from turbos.data.tasks.answers import ANSWER_LINE
 from turbos.data.tokenizer import END_THINK_TOKEN, THINK_TOKEN
 from turbos.serve.chat_template import prepare_chat
 from turbos.serve.reasoning import parse_reasoning
@@ -67,7 +74,12 @@ if TYPE_CHECKING:
 
 REFLECTION = "That is not right. Let me work it out step by step."
 CHECK = "Let me check it step by step."
-_ANSWER_LINE = re.compile(r"^\s*answer\s*:.*$", re.IGNORECASE | re.MULTILINE)
+NO_ANSWER = "(no answer)"
+"""A failed attempt with no text of its own (an empty reply), as the teacher is shown it."""
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be asked (an endpoint that is unreachable or answers with an error)."""
 
 
 class Teacher(Protocol):
@@ -106,17 +118,42 @@ class EndpointTeacher:
         from openai import OpenAI
 
         self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
+        self.base_url, self.model = base_url, model
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.empty_replies = 0
+        """Replies with no usable text so far (each one a failed round)."""
+
+    def probe(self, problem: Problem) -> None:
+        """Ask for one token of ``problem``'s derivation, so that an unreachable endpoint, a wrong
+        model name or key fails with ``TeacherError`` before any generation."""
+        self._create(teacher_prompt(problem, []), max_tokens=1)
 
     def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
-        reply = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": teacher_prompt(problem, attempts)}],
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-        )
-        message = reply.choices[0].message
-        return house_style(getattr(message, "reasoning_content", None), message.content)
+        reply = self._create(teacher_prompt(problem, attempts), self.max_tokens)
+        choices = getattr(reply, "choices", None)
+        message = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+        parts = [getattr(message, name, None) for name in ("reasoning_content", "content")]
+        text = house_style(*(part for part in parts if isinstance(part, str)))
+        if not text:
+            self.empty_replies += 1
+        return text
+
+    def _create(self, prompt: str, max_tokens: int) -> Any:
+        """The endpoint's reply to ``prompt``; a malformed one is returned as None."""
+        import openai
+
+        try:
+            return self.client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=self.temperature,
+                max_tokens=max_tokens,
+            )
+        except openai.APIResponseValidationError:
+            return None
+        except openai.APIError as err:
+            detail = " ".join(str(err).split())[:200]
+            raise TeacherError(f"teacher endpoint {self.base_url}: {type(err).__name__}: {detail}") from err
 
 
 class ModelTeacher:
@@ -156,7 +193,7 @@ def house_style(*parts: str | None) -> str:
     text = "\n".join(part for part in parts if part)
     answer = extract_answer(text)
     body = text.replace(THINK_TOKEN, "").replace(END_THINK_TOKEN, "")
-    body = _ANSWER_LINE.sub("", body)
+    body = ANSWER_LINE.sub("", body)
     lines = [line.rstrip() for line in body.splitlines() if line.strip()]
     if answer is not None:
         lines.append(f"Answer: {answer}")
@@ -164,7 +201,8 @@ def house_style(*parts: str | None) -> str:
 
 
 def strip_answer_lines(text: str) -> str:
-    return "\n".join(line for line in _ANSWER_LINE.sub("", text).splitlines() if line.strip())
+    """``text`` without its answer lines (``ANSWER_LINE``) and blank lines."""
+    return "\n".join(line for line in ANSWER_LINE.sub("", text).splitlines() if line.strip())
 
 
 def short_form(answer: str) -> str:
@@ -220,11 +258,14 @@ def fuse_example(
     lucky draw); otherwise the first wrong answer is the failed attempt the teacher continues.
     The response kept for a solved problem is the first one; with ``check``, it is followed in a
     think block by the teacher's derivation from scratch, which confirms it (kept short if the
-    derivation does not verify).
+    derivation does not verify). Each response is an ``auto``-mode reply: only its answer (after
+    a think block of its own, if any) is verified and kept, and a failed attempt's own reasoning
+    is not carried into the fused response.
     """
-    responses = [short_response] if isinstance(short_response, str) else list(short_response)
-    if not responses:
+    replies = [short_response] if isinstance(short_response, str) else list(short_response)
+    if not replies:
         raise ValueError(f"no short-model response for {problem.uid}")
+    responses = [parse_reasoning(reply, "auto")[1] for reply in replies]
     wrong = [r for r in responses if not verify(problem, r)]
     if not wrong:
         if check:
@@ -233,12 +274,12 @@ def fuse_example(
                 response = long_response(problem, [responses[0]], f"{CHECK}\n{derivation}")
                 return FusedExample(problem, response, thought=True, teacher_rounds=1, checked=True)
         return FusedExample(problem, short_form(responses[0]), thought=False, teacher_rounds=0)
-    attempts = [wrong[0].strip() or "(no answer)"]
+    attempts = [wrong[0].strip() or NO_ANSWER]
     for round_ in range(1, max_rounds + 1):
         continuation = teacher.continue_reasoning(problem, attempts)
         if verify(problem, continuation):
             return FusedExample(problem, long_response(problem, attempts, continuation), True, round_)
-        attempts.append(strip_answer_lines(continuation) or continuation.strip())
+        attempts.append(strip_answer_lines(continuation) or continuation.strip() or NO_ANSWER)
     return None
 
 
@@ -303,7 +344,31 @@ def fuse_dataset(
     return examples, stats
 
 
-def write_jsonl(examples: Sequence[FusedExample], path) -> None:
-    with open(path, "w") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_record()) + "\n")
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if ``write_jsonl`` can write it (checked by creating and removing its
+    temporary file), else OSError naming it: to call before hours of generation."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {str(path)!r} is a directory")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output {str(path)!r}: no directory {str(path.parent)!r}")
+    _partial(path).touch()
+    _partial(path).unlink()
+    return path
+
+
+def write_jsonl(examples: Sequence[FusedExample], path: str | os.PathLike) -> None:
+    """One SFT record per line, written atomically (a temporary file beside ``path``, renamed over
+    it), so a failure never leaves a partial file."""
+    path = Path(path)
+    partial = _partial(path)
+    try:
+        with partial.open("w") as f:
+            f.writelines(json.dumps(example.to_record()) + "\n" for example in examples)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

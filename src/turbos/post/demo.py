@@ -18,6 +18,7 @@ resumes from its latest checkpoint when re-run with the same settings.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,6 +32,7 @@ from turbos.post.chat_data import general_records, short_cot_records, write_reco
 from turbos.post.cot_fusion import BuiltinTeacher, fuse_dataset, write_jsonl
 from turbos.post.sft import SFTRecipe
 from turbos.train.plots import pyplot, save_figure
+from turbos.train.recipe import yaml_number
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 
@@ -77,9 +79,13 @@ class DemoSettings:
         if not self.families or not self.levels:
             raise ValueError("families and levels must not be empty")
         generate_problems(0, families=self.families, levels=self.levels)  # unknown ones fail here
-        for name in ("short_problems", "short_steps", "fusion_problems", "adaptive_steps", "sft_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, least in _LEAST.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        if not (math.isfinite(self.fusion_temperature) and self.fusion_temperature >= 0):
+            raise ValueError(f"fusion_temperature must be finite and >= 0, got {self.fusion_temperature}")
+        if not (math.isfinite(self.sft_lr) and self.sft_lr > 0):
+            raise ValueError(f"sft_lr must be finite and > 0, got {self.sft_lr}")
 
     @classmethod
     def load(cls, path: str | Path) -> DemoSettings:
@@ -87,7 +93,8 @@ class DemoSettings:
         return cls().replaced(json.loads(Path(path).read_text()))
 
     def replaced(self, changes: dict[str, Any]) -> DemoSettings:
-        """A copy with ``changes`` (from JSON or YAML: lists for tuples), type-checked by field."""
+        """A copy with ``changes`` (from JSON or YAML: lists for tuples, and number strings such as
+        ``1e-3``, which YAML reads as text, for floats), type-checked by field."""
         known = {f.name: getattr(self, f.name) for f in fields(self)}
         checked = {}
         for key, value in changes.items():
@@ -99,8 +106,8 @@ class DemoSettings:
                 if any(type(item) is not kind for item in value):
                     raise ValueError(f"demo setting {key} must be a list of {kind.__name__}, got {value!r}")
                 value = type(default)(value)
-            elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+            elif isinstance(default, float) and (number := yaml_number(value)) is not None:
+                value = float(number)  # an int, or a number string such as "1e-3"
             if type(value) is not type(default):
                 raise ValueError(f"demo setting {key} must be {type(default).__name__}, got {value!r}")
             checked[key] = value
@@ -144,6 +151,18 @@ class DemoSettings:
 
 
 _ITEM_TYPES = {"families": str, "levels": int, "pretrain_overrides": str}  # DemoSettings' sequences
+# The least value of each integer setting (``seed`` may be any integer).
+_LEAST = {
+    "short_problems": 1,
+    "short_steps": 1,
+    "fusion_problems": 1,
+    "fusion_samples": 0,
+    "general_chats": 0,
+    "adaptive_steps": 1,
+    "sft_batch": 1,
+    "eval_per_level": 1,
+    "max_tokens": 1,
+}
 
 # The settings each stage depends on (a change redoes that stage and every later one).
 STAGE_SETTINGS = {

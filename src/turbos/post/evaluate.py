@@ -48,11 +48,13 @@ class Answer:
 
 
 def read_problems(path: str | os.PathLike) -> list[Problem]:
-    """User problems: JSONL with ``question`` and ``answer`` (optional ``level``, ``family``)."""
+    """User problems: JSONL with ``question`` and ``answer`` (optional integer ``level``, string
+    ``family``, and ``id``, a string or an integer, unique; default the line number). ValueError
+    naming the file and line for a bad record, and for a file with no problems."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no problems file {str(path)!r}")
-    problems = []
+    problems, lines_of = [], {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -64,16 +66,31 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
             isinstance(record.get(k), str) for k in ("question", "answer")
         ):
             raise ValueError(f"{path}:{number}: need string fields 'question' and 'answer'")
+        level, family, uid = record.get("level", 0), record.get("family", "user"), record.get("id", number)
+        if type(level) is not int:
+            raise ValueError(f"{path}:{number}: 'level' must be an integer, got {level!r}")
+        if not isinstance(family, str):
+            raise ValueError(f"{path}:{number}: 'family' must be a string, got {family!r}")
+        if type(uid) not in (int, str):
+            raise ValueError(f"{path}:{number}: 'id' must be a string or an integer, got {uid!r}")
+        if str(uid) in lines_of:
+            raise ValueError(
+                f"{path}:{number}: id {str(uid)!r} repeats line {lines_of[str(uid)]}'s "
+                "(a record with no id has its line number)"
+            )
+        lines_of[str(uid)] = number
         problems.append(
             Problem(
-                family=str(record.get("family", "user")),
-                level=int(record.get("level", 0)),
+                family=family,
+                level=level,
                 question=record["question"],
                 answer=normalize_answer(record["answer"]),
                 steps=(),
-                uid=str(record.get("id", number)),
+                uid=str(uid),
             )
         )
+    if not problems:
+        raise ValueError(f"{path}: no problems")
     return problems
 
 

@@ -40,13 +40,14 @@ class _LevelDraws:
 
 
 def _resolve(families: Sequence[str] | None, levels: Sequence[int] | None) -> list[tuple[TaskFamily, int]]:
-    names = list(TASK_FAMILIES) if families is None else list(families)
+    """The (family, level) pairs asked for, each once (a repeated family or level counts once)."""
+    names = list(TASK_FAMILIES) if families is None else list(dict.fromkeys(families))
     pairs = []
     for name in names:
         if name not in TASK_FAMILIES:
             raise ValueError(f"unknown task family {name!r}; known: {sorted(TASK_FAMILIES)}")
         family = TASK_FAMILIES[name]
-        for level in family.levels if levels is None else levels:
+        for level in family.levels if levels is None else dict.fromkeys(levels):
             if level not in family.levels:
                 raise ValueError(f"task family {name!r} has no level {level}; levels are {family.levels}")
             pairs.append((family, level))
@@ -67,7 +68,8 @@ def generate_problems(
 ) -> list[Problem]:
     """`n` distinct problems of `split`, shuffled, spread evenly over every (family, level) pair.
 
-    None means every family / each family's every level. The same arguments always give the same
+    None means every family / each family's every level; a family or level named twice counts
+    once. The same arguments always give the same
     list, and a question belongs to the train or the test split forever (see `split_of`), so the
     two never overlap. A level with fewer distinct problems than its share (single-digit addition
     has 100 questions, about 80 of them in train) gives all it has and the other levels make up
