@@ -128,6 +128,22 @@ def test_mixture_ends_when_a_source_runs_out():
     assert documents.count("x") == 5 and documents.count("y") < 100
 
 
+def test_an_endless_mixture_continues_where_iterating_ends_and_reads_every_source_through():
+    small, large = [f"x{i}" for i in range(5)], [f"y{i}" for i in range(1000)]
+    inner = Mixture((small, ["z0", "z1"]), (1.0, 1.0), seed=4)  # nested: restarts by its own endless
+    mixture = Mixture((inner, large), (1.0, 1.0), seed=0)
+    once = list(mixture)
+    endless = list(itertools.islice(mixture.endless(), 4000))
+    assert endless[: len(once)] == once, "the same draws up to where iterating ends"
+    assert set(large) <= set(endless), "the larger source is read through, not cut short every pass"
+    share = sum(d.startswith("y") for d in endless) / len(endless)
+    assert abs(share - 0.5) < 0.03, f"weights still hold: {share:.3f}"
+    first_pass = [d for d in endless if d.startswith("y")][: len(large)]
+    assert first_pass == large, "a source is read through before any of it repeats"
+    with pytest.raises(ValueError, match="no documents"):
+        list(itertools.islice(Mixture(([], ["y"]), (1.0, 1.0), seed=0).endless(), 20))
+
+
 def test_mixture_rejects_non_positive_weights():
     with pytest.raises(ValueError, match="positive"):
         Mixture((["x"], ["y"]), (1.0, 0.0))

@@ -153,3 +153,20 @@ def test_a_finished_finite_pass_starts_again_from_the_beginning(tokenizer):
     dataset = streaming(tokenizer, repeat=False)
     first, second = list(dataset), list(dataset)
     assert all(map(torch.equal, first, second)) and dataset.rows_consumed == 0
+
+
+def test_a_repeating_stream_of_a_mixture_reads_every_source_through(tokenizer):
+    """Repeating re-read the whole mixture, which ends when its small source runs out, so most of
+    the large source never came round; the endless reading restarts only the source that ran out."""
+    from turbos.data.corpora import Mixture
+
+    small, large = DOCUMENTS[:20], DOCUMENTS[20:]
+    mixture = Mixture((small, large), (1.0, 1.0), seed=0)
+    assert len({d for d in mixture if d in large}) < len(large) / 4, "one pass reads little of it"
+    dataset = StreamingPackedDataset(mixture, tokenizer, SEQ_LEN, shuffle_buffer=0, seed=3)
+    rows = list(itertools.islice(dataset, 3 * len(rows_of(DOCUMENTS, tokenizer))))
+    seen = set(document_numbers(rows, tokenizer))
+    assert {int(d.split(":")[0][len("document ") :]) for d in large} <= seen
+    finite = StreamingPackedDataset(mixture, tokenizer, SEQ_LEN, shuffle_buffer=0, repeat=False)
+    once = [row.tolist() for row in finite]
+    assert [row.tolist() for row in rows[: len(once) - 1]] == once[:-1], "the first pass is unchanged"

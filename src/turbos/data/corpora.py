@@ -177,8 +177,10 @@ class HFDiskColumn:
 class Mixture:
     """Documents drawn from `sources` at random in proportion to `weights`, deterministic by `seed`.
 
-    Each document comes from source i with probability weights[i] / sum(weights). The mixture ends
-    when any source runs out, so the proportions hold for the whole mixture.
+    Each document comes from source i with probability weights[i] / sum(weights). Iterating ends
+    when any source runs out, so the proportions hold for the whole mixture. A training stream
+    that repeats reads `endless()` instead, so that the sources it has not read through yet are
+    not cut short at every pass.
     """
 
     sources: tuple[Corpus, ...]
@@ -204,6 +206,31 @@ class Mixture:
             if document is None:
                 return
             yield document
+
+    def endless(self) -> Iterator[str]:
+        """The same draws forever: a source that runs out starts its next pass instead of ending
+        the mixture. Up to where iterating ends, the same documents in the same order; after it,
+        each source keeps its share and is read through before any of it repeats."""
+        rng = random.Random(self.seed)
+        streams = [_passes(source) for source in self.sources]
+        indices = range(len(streams))
+        while True:
+            (i,) = rng.choices(indices, self.weights)
+            yield next(streams[i])
+
+
+def _passes(corpus: Corpus) -> Iterator[str]:
+    """A corpus read again and again (a mixture by its ``endless``); ValueError if it is empty."""
+    if isinstance(corpus, Mixture):
+        yield from corpus.endless()
+        return
+    while True:
+        empty = True
+        for document in corpus:
+            empty = False
+            yield document
+        if empty:
+            raise ValueError(f"a mixture source has no documents: {corpus!r}")
 
 
 FILE_SOURCES: dict[str, type] = {"jsonl": JsonlField, "parquet": ParquetColumn, "hf-disk": HFDiskColumn}

@@ -168,7 +168,15 @@ class StreamingPackedDataset(IterableDataset):
         self.rows_consumed = 0
 
     def _documents(self) -> Iterator[str]:
-        """This split's documents, read once or, with `repeat`, again and again."""
+        """This split's documents, read once or, with `repeat`, again and again. A corpus with an
+        ``endless()`` reading (a mixture: each source starts again when it runs out, see
+        `turbos.data.corpora.Mixture`) repeats through that, so no pass cuts a source short."""
+        endless = getattr(self.corpus, "endless", None)
+        if self.repeat and endless is not None:
+            if not any(document_split(d, self.val_fraction) == self.split for d in self.corpus):
+                raise ValueError(f"the corpus has no {self.split} documents")
+            yield from (d for d in endless() if document_split(d, self.val_fraction) == self.split)
+            return
         while True:
             found = False
             for document in self.corpus:
