@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from turbos.config import ConfigError, TurboSConfig, layout_counts, parse_layout
 from turbos.model import TurboSForCausalLM
@@ -44,7 +45,12 @@ def test_bad_layout_is_rejected_with_a_clear_message(layout: str, message: str) 
         (dict(mamba_num_heads=6, mamba_n_groups=4), "not divisible by mamba_n_groups"),
         (dict(ffn_type="sparse"), "ffn_type"),
         (dict(vocab_size=0), "vocab_size must be a positive integer"),
-        (dict(eos_token_id=600), "outside the vocabulary"),
+        (dict(eos_token_id=600), r"eos_token_id=600 must be a token id in \[0, "),
+        (dict(pad_token_id=None), "pad_token_id=None must be a token id"),
+        (dict(head_dim=2), "head_dim=2 must be even"),
+        (dict(head_dim=0), "head_dim must be a positive integer"),
+        (dict(head_dim=-4), "head_dim must be a positive integer"),
+        (dict(shared_expert_intermediate_size=-8), "shared_expert_intermediate_size must be a positive"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(rope_alpha=0.5), "rope_alpha"),
     ],
@@ -56,6 +62,12 @@ def test_invalid_hyperparameters_are_rejected(changes: dict, message: str) -> No
 
 def test_checks_apply_only_to_layer_kinds_present() -> None:
     TurboSConfig(layout="MF", num_attention_heads=3, num_key_value_heads=2)  # no attention layer
+    config = TurboSConfig(
+        layout="MF", hidden_size=64, num_attention_heads=0, mamba_num_heads=4, mamba_head_dim=16
+    )
+    model = TurboSForCausalLM(config).eval()
+    assert model.model.rotary_emb is None, "no attention, no rotary table"
+    assert model(torch.randint(0, config.vocab_size, (1, 5))).logits.shape == (1, 5, config.vocab_size)
 
 
 def test_config_json_round_trip(tmp_path) -> None:

@@ -82,6 +82,20 @@ def test_bf16_model_runs_and_stays_close_to_fp32() -> None:
     assert (low - ref).abs().max() <= 0.05 * ref.std() * 10, (low - ref).abs().max()
 
 
+def test_rotary_frequencies_stay_float32_when_the_model_is_cast(tmp_path) -> None:
+    """bf16 frequencies are off by up to 0.4% each: radians of angle error at 32K positions."""
+    model = TurboSForCausalLM(small_config(rope_alpha=50.0)).eval()
+    reference = model.model.rotary_emb.inv_freq.clone()
+    model.save_pretrained(tmp_path)
+    for cast in (model.to(torch.bfloat16), TurboSForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)):
+        rotary = cast.model.rotary_emb
+        assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, reference)
+        cos, _ = rotary(torch.tensor([[32768]]), torch.float32)
+        expected = torch.cos(32768.0 * reference.double()).float()
+        assert torch.allclose(cos[0, 0, : len(reference)], expected, atol=1e-2)
+    assert model.to("meta").model.rotary_emb.inv_freq.device.type == "meta", "moves still follow"
+
+
 def test_tied_embeddings_share_storage_and_round_trip(tmp_path) -> None:
     model = TurboSForCausalLM(small_config(tie_word_embeddings=True)).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -216,8 +216,8 @@ class TurboSConfig:
         positive("vocab_size", "hidden_size", "max_position_embeddings")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name}={value!r} must be a token id in [0, {self.vocab_size})")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         counts = layout_counts(self.layout)
@@ -233,8 +233,13 @@ class TurboSConfig:
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set head_dim explicitly"
                 )
-            if self.attn_head_dim % 2:
-                raise ConfigError(f"attention head_dim={self.attn_head_dim} must be even for RoPE")
+            if self.head_dim is not None:
+                positive("head_dim")
+            if self.attn_head_dim % 2 or self.attn_head_dim < 4:
+                raise ConfigError(
+                    f"attention head_dim={self.attn_head_dim} must be even (RoPE) and at least 4 "
+                    "(NTK alpha scales the base by alpha^(d / (d - 2)))"
+                )
             if self.rope_theta <= 0 or self.rope_alpha < 1:
                 raise ConfigError("rope_theta must be > 0 and rope_alpha >= 1")
         if counts["M"]:
@@ -272,6 +277,8 @@ class TurboSConfig:
                     )
                 if self.num_shared_experts < 0:
                     raise ConfigError("num_shared_experts must be >= 0")
+                if self.shared_expert_intermediate_size is not None:
+                    positive("shared_expert_intermediate_size")
                 if self.capacity_factor <= 0:
                     raise ConfigError(f"capacity_factor must be > 0, got {self.capacity_factor}")
                 if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:

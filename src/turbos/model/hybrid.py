@@ -87,7 +87,11 @@ class TurboSModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TurboSLayer(kind, config) for kind in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.attn_head_dim, config.rope_theta, config.rope_alpha)
+        self.rotary_emb = (  # None in a layout without attention layers
+            RotaryEmbedding(config.attn_head_dim, config.rope_theta, config.rope_alpha)
+            if "A" in config.layer_types
+            else None
+        )
 
     def forward(
         self,
@@ -136,7 +140,7 @@ class TurboSModel(nn.Module):
         cache (or None) per layer. No host synchronisation, so a CUDA graph can capture a decode
         step (``turbos.serve.cuda_graph``)."""
         h = self.embed_tokens(input_ids)
-        rotary = self.rotary_emb(position_ids, h.dtype)
+        rotary = None if self.rotary_emb is None else self.rotary_emb(position_ids, h.dtype)
         aux = h.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
         for layer, cache in zip(self.layers, caches, strict=True):

@@ -3,8 +3,10 @@
 Each output channel of a weight matrix is stored as int8 with one scale, symmetric:
 ``w ~ q * scale``, ``scale = max|w_row| / 127``. Activations stay in the model dtype and the
 matmul dequantizes on the fly (``torch._weight_int8pack_mm`` on CPU, which reads a quarter of
-the fp32 bytes: decoding at batch 1 is bound by reading weights). Other devices, or dtypes the
-kernel lacks, use the plain reference path: dequantize, then ``F.linear``.
+the fp32 bytes: decoding at batch 1 is bound by reading weights). Other devices, dtypes the
+kernel lacks, and bf16 inputs whose width is not a multiple of 16 (there the kernel gives wrong
+results or crashes on CPUs with AVX512-BF16) use the plain reference path: dequantize, then
+``F.linear``.
 
 What is quantized: every ``nn.Linear`` and the routed experts. What is not: embeddings, norms,
 Mamba2's conv and SSM parameters, and the MoE router (tiny, and routing decisions are sensitive).
@@ -36,7 +38,12 @@ def int8_linear(
 ) -> torch.Tensor:
     """x (..., K) @ (qweight (N, K) int8 * scale (N,)).T in x's dtype."""
     scale = scale.to(x.dtype)
-    if reference or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES:
+    if (
+        reference
+        or x.device.type != "cpu"
+        or x.dtype not in _FAST_DTYPES
+        or (x.dtype == torch.bfloat16 and x.shape[-1] % 16)  # the bf16 kernel needs K % 16 == 0
+    ):
         return F.linear(x, qweight.to(x.dtype)) * scale
     out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale)
     return out.view(*x.shape[:-1], qweight.shape[0])

@@ -27,7 +27,16 @@ class RotaryEmbedding(nn.Module):
         """Recompute the frequencies, e.g. when a long-context stage changes alpha."""
         base = ntk_alpha_base(theta, alpha, self.head_dim)
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        self.register_buffer("inv_freq", 1.0 / base**exponent, persistent=False)
+        device = self.inv_freq.device if hasattr(self, "inv_freq") else None
+        self.register_buffer("inv_freq", (1.0 / base**exponent).to(device), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Moves follow the model, dtype casts do not: the frequencies stay float32. In bf16 they
+        would be off by up to 0.4% each, which turns into radians of angle error at long range."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, T) -> cos, sin: (B, T, head_dim)."""

@@ -127,7 +127,8 @@ class Trainer:
     def _enter_stage(self, plan: StagePlan) -> None:
         self.stage = plan
         self.model.config.rope_alpha = plan.rope_alpha
-        self.model.model.rotary_emb.set_alpha(self.model.config.rope_theta, plan.rope_alpha)
+        if self.model.model.rotary_emb is not None:
+            self.model.model.rotary_emb.set_alpha(self.model.config.rope_theta, plan.rope_alpha)
         self.stream = train_batches(self.recipe, plan, self.tokenizer)
         self._batches = None  # opened at the first batch, after any resume position is loaded
 
