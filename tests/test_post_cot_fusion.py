@@ -160,10 +160,15 @@ def test_teachers_reason_from_scratch_when_there_is_no_attempt() -> None:
 
 
 class ScriptedEngine:
-    """Stands in for LLMEngine.generate: records prompts and parameters, returns a fixed text."""
+    """Stands in for LLMEngine.generate: records prompts and parameters, returns a fixed text.
+    One token per byte of a prompt, in a context of ``max_context`` tokens."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_context: int = 4096) -> None:
         self.text, self.prompts, self.params = text, [], []
+        self.max_context = max_context
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
 
     def generate(self, prompts, params):
         self.prompts += prompts
@@ -183,6 +188,21 @@ def test_model_teacher_thinks_on_the_failed_attempts_and_answers_in_house_style(
     assert params.temperature == 0.0 and params.max_tokens == 77
     assert params.banned_first_token_ids, "think mode: the reasoning may not be empty"
     assert verify(p, reply)
+
+
+def test_model_teacher_replies_within_the_context_and_fails_a_round_with_no_room() -> None:
+    """The prompt grows with every failed attempt; max_tokens used to stay fixed, and a prompt
+    near the context's end raised ContextLengthError, which ended the whole run."""
+    p, attempts = problems(1)[0], ["Answer: 7"]
+    engine = ScriptedEngine(f"{p.steps[0]}\n</think>\nAnswer: {p.answer}")
+    ModelTeacher(engine).continue_reasoning(p, attempts)
+    prompt_tokens = len(engine.prompts[0].encode())
+    engine.max_context = prompt_tokens + 10
+    assert ModelTeacher(engine, max_tokens=77).continue_reasoning(p, attempts)
+    assert engine.params[-1].max_tokens == 10, "capped at the room left in the context"
+    engine.max_context = prompt_tokens
+    assert ModelTeacher(engine, max_tokens=77).continue_reasoning(p, attempts) == "", "a failed round"
+    assert len(engine.prompts) == 2, "nothing generated without room"
 
 
 def test_turbos_fuse_cot_writes_the_fused_data(tmp_path, capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from serve_helpers import save_model_dir
 from turbos.cli import main
 from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.interactive import ChatSession, chat_loop
+from turbos.serve.offline import read_requests
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,77 @@ def test_chat_session_refuses_special_token_text_and_goes_on(model_dir) -> None:
     chat_loop(session, read=lambda prompt: next(lines))
     assert "special token <|system|> is not allowed in a user message" in out.getvalue()
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hi"]
+
+
+def test_chat_ctrl_c_after_the_last_token_stops_the_reply(model_dir) -> None:
+    """The drain loop after Ctrl-C ended only when the finished request left the engine."""
+    engine = LLMEngine.from_pretrained(model_dir)
+    real_free, real_step, steps = engine.cache.free, engine.step, []
+
+    def free(seq) -> None:
+        engine.cache.free = real_free
+        real_free(seq)
+        raise KeyboardInterrupt  # pressed just after the reply's last token
+
+    def step():
+        steps.append(1)
+        assert len(steps) < 50, "the chat keeps stepping an engine with nothing to do"
+        return real_step()
+
+    engine.cache.free, engine.step = free, step
+    out = io.StringIO()
+    ChatSession(engine, SamplingParams(temperature=0, max_tokens=4), out).reply("hi")
+    assert out.getvalue().endswith(" [stopped]\n") and not engine.has_unfinished()
+
+
+def test_generate_seed_is_the_sampler_seed_so_repeated_prompts_differ(model_dir, tmp_path) -> None:
+    requests = tmp_path / "same.jsonl"
+    requests.write_text('{"prompt": "What is 2+2?"}\n' * 4)
+    args = ["generate", "--model", str(model_dir), "--input", str(requests), "--temperature", "1"]
+    texts = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.jsonl"
+        assert main([*args, "--max-tokens", "8", "--seed", "5", "--output", str(out)]) == 0
+        texts.append([json.loads(line)["text"] for line in out.read_text().splitlines()])
+    assert texts[0] == texts[1], "the same --seed gives the same samples run to run"
+    assert len(set(texts[0])) > 1, "each request draws its own sample"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ({"prompt": "x", "messages": "abc"}, "'messages' must be a non-empty list"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [1, 2]}, "message 0: need an object with a string 'role'"),
+        ({"messages": [{"content": "hi"}]}, "message 0: need an object with a string 'role'"),
+        ({"messages": [{"role": "user"}]}, "message 0: 'content' must be a string, got None"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 5}]}, "message 1: "),
+        (
+            {"messages": [{"role": "assistant", "content": None, "reasoning_content": 5}]},
+            "message 0: 'reasoning_content' must be a string",
+        ),
+    ],
+)
+def test_read_requests_checks_messages(tmp_path, line, problem) -> None:
+    path = tmp_path / "in.jsonl"
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "reasoning_content": "r"},
+    ]
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=rf"in\.jsonl:2: {re.escape(problem)}"):
+        read_requests(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["serve", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),
+        (["serve", "--port", "0"], "argument --port: must be at least 1, got 0"),
+        (["generate", "--prompt", "x", "--seed", str(10**23)], "argument --seed: must be at most"),
+    ],
+)
+def test_serving_flags_out_of_range_are_usage_errors(args, error, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model", "unused"])
+    assert exit_info.value.code == 2 and error in capsys.readouterr().err

@@ -149,3 +149,89 @@ def test_shutdown_lets_requests_finish_within_the_drain_time(slow_model, tokeniz
     outputs, engine = run_async_engine(slow_model, tokenizer, max_tokens=5, drain_timeout=60.0)
     assert outputs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outputs) == 5
     assert not engine._thread.is_alive()
+
+
+def fail_next_decode(engine: LLMEngine) -> None:
+    """Make the engine's next decode forward raise once (as a CUDA out-of-memory error would)."""
+    real = engine.runner.decode_step
+
+    def decode_step(*args):
+        engine.runner.decode_step = real
+        raise RuntimeError("out of memory (simulated)")
+
+    engine.runner.decode_step = decode_step
+
+
+def test_fail_all_also_ends_a_request_that_finished_in_the_failed_step(model, tokenizer) -> None:
+    """The prefill finishes a one-token request, then the decode of the other one fails: both are
+    reported and dropped (the finished one stayed in the engine forever, has_unfinished() True)."""
+    engine = LLMEngine(model, tokenizer, max_running=4)
+    long = engine.add_request([10] * 8, greedy(50))
+    engine.step()
+    one = engine.add_request([11] * 4, greedy(1))
+    fail_next_decode(engine)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    outs = {o.request_id: o for o in engine.fail_all("engine error")}
+    assert (outs[long].finish_reason, outs[long].error) == ("error", "engine error")
+    assert (outs[one].finish_reason, outs[one].error) == ("length", None), "it finished as it ended"
+    assert outs[one].token_ids == greedy_alone(model, [11] * 4, 1)
+    assert not engine.has_unfinished() and not engine.abort(one)
+    [result] = engine.generate([[12, 13]], greedy(3))
+    assert result.token_ids == greedy_alone(model, [12, 13], 3), "the engine serves on"
+
+
+def test_the_async_engine_delivers_a_request_that_finished_in_a_failed_step(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer)
+    real_free = engine.cache.free
+
+    def free(seq) -> None:  # the request has its last token; then the step fails
+        engine.cache.free = real_free
+        real_free(seq)
+        raise RuntimeError("simulated")
+
+    engine.cache.free = free
+
+    async def main():
+        async_engine = AsyncLLMEngine(engine)
+        async_engine.start()
+        _, queue = async_engine.add_request([10, 11], greedy(2))
+        try:
+            return await asyncio.wait_for(queue.get(), 10)
+        finally:
+            async_engine.shutdown(join_timeout=2)
+
+    out = asyncio.run(main())
+    assert out.finished and out.finish_reason == "length" and out.error is None
+    assert not engine.has_unfinished()
+
+
+def test_abort_retires_a_request_that_finished_in_an_interrupted_step(model, tokenizer) -> None:
+    """Ctrl-C after a request's last token, before the step returned: aborting it ends it."""
+    engine = LLMEngine(model, tokenizer)
+    real_free = engine.cache.free
+
+    def free(seq) -> None:
+        engine.cache.free = real_free
+        real_free(seq)
+        raise KeyboardInterrupt
+
+    engine.cache.free = free
+    request_id = engine.add_request([10, 11], greedy(3))
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(5):
+            engine.step()
+    assert engine.abort(request_id)
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(request_id, "length")]
+    assert not engine.has_unfinished()
+
+
+def test_generate_checks_every_prompt_before_queueing_any(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer, max_running=2)
+    context = model.config.max_position_embeddings
+    with pytest.raises(ContextLengthError, match="^prompt 1: This model's maximum context length"):
+        engine.generate([[10, 11], [12] * (context + 1)], greedy(4))
+    assert not engine.has_unfinished() and engine.num_waiting == 0
+    [result] = engine.generate([[13, 14]], greedy(4))
+    assert result.token_ids == greedy_alone(model, [13, 14], 4)

@@ -224,3 +224,14 @@ def test_cpu_runs_fp32_unless_bf16_is_asked_for(precision: str, dtype: torch.dty
     with autocast_context(precision, torch.device("cpu")):
         out = linear(torch.randn(2, 4))
     assert out.dtype == dtype, f"precision {precision!r} on CPU must compute in {dtype}"
+
+
+def test_cli_plot_and_eval_ppl_reject_bad_input_with_clear_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "lm_loss": 5.0, "loss": 5.0}\n[1, 2]\n')
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "record 2 of metrics.jsonl is not a JSON object" in capsys.readouterr().err
+    for flag in ("--batch-size", "--batches"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval-ppl", "--model", "unused", "--data", "builtin:reasoning", flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err

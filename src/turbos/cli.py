@@ -246,13 +246,15 @@ def _add_resume_flags(p: argparse.ArgumentParser, step: str) -> None:
     p.add_argument("--stop-at", type=int, help=f"stop after this {step} (continue later with --resume auto)")
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
+def _int_at_least(minimum: int, at_most: int | None = None):
+    """An argparse type: an integer of at least ``minimum`` (and at most ``at_most``)."""
 
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be at most {at_most}, got {value}")
         return value
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
@@ -282,7 +284,11 @@ def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     _add_model_flags(p, max_running=16)
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
-    p.add_argument("--seed", type=int, help="seed of the sampler for requests without their own")
+    p.add_argument(
+        "--seed",
+        type=_int_at_least(-(2**63), at_most=2**64 - 1),
+        help="seed of the sampler for requests without their own (a 64-bit integer)",
+    )
 
 
 def _load_engine(args: argparse.Namespace, **kwargs):
@@ -326,7 +332,6 @@ def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         stop=args.stop,
-        seed=args.seed,
     )
     return engine, params
 
@@ -518,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="source spec, e.g. builtin:reasoning or jsonl:path#text")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: max_position_embeddings)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=16, help="at most this many batches")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--batches", type=_int_at_least(1), default=16, help="at most this many batches")
     p.add_argument(
         "--split",
         choices=["val", "all"],
@@ -534,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, thinking modes)")
     _add_engine_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_int_at_least(1, at_most=65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TURBOS_API_KEY)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most; more get 503")
     p.add_argument("--served-model-name", help="model id in the API (default: the directory name)")

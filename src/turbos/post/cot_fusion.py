@@ -159,7 +159,8 @@ class EndpointTeacher:
 class ModelTeacher:
     """A turbos model directory as the teacher, run in-process (no server): the prompt and the
     house-style rewriting of ``EndpointTeacher``, answered in ``thinking`` mode (default think),
-    greedy unless ``temperature`` > 0."""
+    greedy unless ``temperature`` > 0. A reply gets at most the room the prompt leaves in the
+    context; a prompt (grown with the attempts) that leaves none is a failed round ("")."""
 
     def __init__(
         self, engine: LLMEngine, thinking: str = "think", temperature: float = 0.0, max_tokens: int = 512
@@ -169,7 +170,11 @@ class ModelTeacher:
 
     def continue_reasoning(self, problem: Problem, attempts: Sequence[str]) -> str:
         chat = prepare_chat([{"role": "user", "content": teacher_prompt(problem, attempts)}], self.thinking)
-        (result,) = self.engine.generate([chat.text], [chat.sampling_params(self.params)])
+        room = self.engine.max_context - len(self.engine.encode(chat.text))
+        if room < 1:
+            return ""
+        params = chat.sampling_params(self.params, max_tokens=min(self.params.max_tokens, room))
+        (result,) = self.engine.generate([chat.text], [params])
         return house_style(*parse_reasoning(result.text, chat.mode))
 
 

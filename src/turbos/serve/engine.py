@@ -152,6 +152,11 @@ class LLMEngine:
         """Queue a request; returns its id. Raises QueueFullError, ContextLengthError,
         SamplingParamsError (a logit_bias id beyond the vocabulary), ValueError."""
         params = params or SamplingParams()
+        prompt_ids, max_tokens = self._check_request(prompt, params)
+        return self._queue(prompt_ids, params, max_tokens, request_id)
+
+    def _check_request(self, prompt: str | Seq[int], params: SamplingParams) -> tuple[list[int], int]:
+        """The prompt's token ids and the resolved max_tokens; raises as ``add_request`` does."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -161,7 +166,12 @@ class LLMEngine:
             raise SamplingParamsError(
                 "logit_bias", f"token ids must be below the vocabulary size, {self.config.vocab_size}"
             )
-        max_tokens = self.resolve_max_tokens(len(prompt_ids), params.max_tokens)
+        return prompt_ids, self.resolve_max_tokens(len(prompt_ids), params.max_tokens)
+
+    def _queue(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, request_id: str | None
+    ) -> str:
+        """Queue a checked request (see ``_check_request``); returns its id."""
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device)
@@ -245,41 +255,45 @@ class LLMEngine:
         aborted, self._aborted = self._aborted, []
         for request_id in aborted:
             seq = self._seqs.get(request_id)
-            if seq is None or seq.finished:
+            if seq is None:
                 continue
             if seq.status == SequenceStatus.WAITING:
                 self.scheduler.remove(seq)
             elif seq.status == SequenceStatus.RUNNING:
                 self.cache.free(seq)
-            elif self._job is not None:
+            elif seq.status == SequenceStatus.PREFILLING and self._job is not None:
                 self._job.keep_rows([i for i, s in enumerate(self._job.seqs) if s is not seq])
                 if not self._job.seqs:
                     self._job = None
-            seq.finish("abort")
+            seq.finish("abort")  # one that finished in a step that then failed keeps its reason
             touched[request_id] = seq
 
-    def _collect(self, touched: dict[str, Sequence], error: str | None = None) -> list[RequestOutput]:
+    def _collect(self, touched: dict[str, Sequence]) -> list[RequestOutput]:
         outputs = []
         with self._lock:
             for seq in touched.values():
-                outputs.append(seq.take_output(error))
+                outputs.append(seq.take_output())
                 if seq.finished:
                     self._seqs.pop(seq.request_id, None)
         return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """End every request with finish_reason 'error' and drop all state (after a failed step)."""
+        """End every request and drop all state (after a failed step): unfinished ones with
+        finish_reason 'error' and ``message``; ones that finished in the failed step as they ended."""
         with self._lock:
-            touched = {rid: seq for rid, seq in self._seqs.items() if not seq.finished}
-            for seq in touched.values():
+            outputs = []
+            for seq in self._seqs.values():
+                error = None if seq.finished else message
                 seq.finish("error")
+                outputs.append(seq.take_output(error))
+            self._seqs.clear()
             self.scheduler.waiting.clear()
             self._job = None
             self._aborted = []
             self.cache = CacheManager(
                 self.config, self.scheduler.max_running, self.cache.device, self.cache.dtype
             )
-        return self._collect(touched, error=message)
+        return outputs
 
     # ----------------------------------------------------------------------- offline
     def generate(
@@ -289,19 +303,27 @@ class LLMEngine:
     ) -> list[GenerationResult]:
         """Run every prompt to completion, batched; results in prompt order.
 
+        Every prompt is checked before any is queued: an invalid one raises what ``add_request``
+        raises, its message prefixed with the prompt's index, and leaves the engine as it was.
         Not to be mixed with an ``AsyncLLMEngine`` running the same engine.
         """
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        pending = deque(zip(prompts, params, strict=True))
+        pending: deque[tuple[list[int], int, SamplingParams]] = deque()
+        for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                pending.append((*self._check_request(prompt, p), p))
+            except ValueError as err:
+                err.args = (f"prompt {index}: {err}",)
+                raise
         results: dict[str, GenerationResult] = {}
         while pending or self.has_unfinished():
             while pending and self.scheduler.num_waiting < self.scheduler.max_waiting:
-                prompt, p = pending.popleft()
-                request_id = self.add_request(prompt, p)
-                results[request_id] = GenerationResult(request_id, self._seqs[request_id].prompt_ids)
+                prompt_ids, max_tokens, p = pending.popleft()
+                request_id = self._queue(prompt_ids, p, max_tokens, None)
+                results[request_id] = GenerationResult(request_id, prompt_ids)
             for out in self.step():
                 results[out.request_id].add(out)
         return list(results.values())

@@ -31,8 +31,29 @@ def read_requests(path: str | Path) -> list[dict]:
             isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)
         ):
             raise ValueError(f"{path}:{number}: need an object with a string 'prompt' or a list 'messages'")
+        problem = _messages_problem(record.get("messages"))
+        if problem:
+            raise ValueError(f"{path}:{number}: {problem}")
         requests.append(record)
     return requests
+
+
+def _messages_problem(messages: object) -> str | None:
+    """What is wrong with a record's ``messages`` (None when absent or fine): a non-empty list of
+    objects with a string ``role`` and a string ``content`` (an assistant's may be null)."""
+    if messages is None:
+        return None
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"message {i}: need an object with a string 'role'"
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and message["role"] == "assistant")):
+            return f"message {i}: 'content' must be a string, got {content!r}"
+        if not isinstance(message.get("reasoning_content", ""), str | None):
+            return f"message {i}: 'reasoning_content' must be a string"
+    return None
 
 
 def generate_records(
