@@ -1,4 +1,4 @@
-# Install order matters: the pinned CPU torch goes in first, so the package's "torch>=2.4"
+# Install order matters: the pinned CPU torch goes in first, so the package's "torch>=2.5"
 # requirement is already met and pip never pulls CUDA wheels. GPU users: install your torch first
 # (e.g. `make install TORCH_SPEC=torch`).
 PYTHON ?= python3
@@ -35,7 +35,6 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:

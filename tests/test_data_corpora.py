@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from turbos.data.builtin import PythonDocstrings, ReasoningDocs
-from turbos.data.corpora import Mixture, build_corpus, parse_source
+from turbos.data.corpora import Mixture, build_corpus, interleave, parse_source
 from turbos.data.tasks import split_of
 
 
@@ -142,6 +142,10 @@ def test_an_endless_mixture_continues_where_iterating_ends_and_reads_every_sourc
     assert first_pass == large, "a source is read through before any of it repeats"
     with pytest.raises(ValueError, match="no documents"):
         list(itertools.islice(Mixture(([], ["y"]), (1.0, 1.0), seed=0).endless(), 20))
+
+
+def test_interleave_takes_turns_and_reads_every_corpus_through():
+    assert list(interleave([["a1", "a2", "a3"], [], ["b1"]])) == ["a1", "b1", "a2", "a3"]
 
 
 def test_mixture_rejects_non_positive_weights():

@@ -129,3 +129,18 @@ def test_cli_trains_a_tokenizer_that_transformers_loads_with_its_chat_template(t
     assert text == "<|bos|><|user|>hi<|end|><|assistant|>"
     assert hf.decode(hf("lazy fox 42")["input_ids"]) == "lazy fox 42"
     assert main(["tokenizer", "train", "--data", "nope:x", "--out", str(out)]) == 2, "bad spec: clear error"
+
+
+def test_tokenizer_train_reads_every_source_through(tmp_path) -> None:
+    """Several --data sources used to be mixed, and the mixture ended with its smallest source:
+    one small file cut the built-in corpus to a few documents and the vocabulary far below the
+    size asked for."""
+    from transformers import PreTrainedTokenizerFast
+
+    from turbos.cli import main
+
+    (tmp_path / "one.txt").write_text("a single short note")
+    out = tmp_path / "tok"
+    data = ["--data", "builtin:pydocs", f"text:{tmp_path}/*.txt"]
+    assert main(["tokenizer", "train", *data, "--vocab-size", "600", "--out", str(out), "--no-progress"]) == 0
+    assert PreTrainedTokenizerFast.from_pretrained(out).vocab_size == 600

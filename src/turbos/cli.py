@@ -172,11 +172,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import itertools
 
-    from turbos.data.corpora import build_corpus
+    from turbos.data.corpora import build_corpus, interleave
     from turbos.data.tokenizer import save_tokenizer, train_tokenizer
     from turbos.serve.chat_template import save_chat_template
 
-    corpus = build_corpus(args.data if len(args.data) > 1 else args.data[0], seed=args.seed)
+    corpus = interleave([build_corpus(spec) for spec in args.data])
     documents = itertools.islice(corpus, args.max_documents) if args.max_documents else corpus
     tokenizer = train_tokenizer(documents, args.vocab_size, show_progress=not args.no_progress)
     out = save_tokenizer(tokenizer, args.out)
@@ -495,12 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE with the chat and thinking special tokens")
     p.add_argument(
-        "--data", nargs="+", required=True, help="corpus specs, e.g. builtin:pydocs 'text:docs/*.md'"
+        "--data",
+        nargs="+",
+        required=True,
+        help="corpus specs, e.g. builtin:pydocs 'text:*.md'; several are read through, taking turns",
     )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
-    p.add_argument("--max-documents", type=int, default=0, help="0: the whole corpus")
-    p.add_argument("--seed", type=int, default=0, help="seed of the mixture when several sources are given")
+    p.add_argument("--max-documents", type=_int_at_least(0), default=0, help="0: the whole corpus")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_tokenizer_train)
 

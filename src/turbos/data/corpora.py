@@ -233,6 +233,19 @@ def _passes(corpus: Corpus) -> Iterator[str]:
             raise ValueError(f"a mixture source has no documents: {corpus!r}")
 
 
+def interleave(corpora: Sequence[Corpus]) -> Iterator[str]:
+    """Every document of every corpus, taking turns while several have documents left (a
+    tokenizer sees all of each source, and a cap on the count takes from all of them)."""
+    streams = [iter(corpus) for corpus in corpora]
+    while streams:
+        for stream in list(streams):
+            document = next(stream, None)
+            if document is None:
+                streams.remove(stream)
+            else:
+                yield document
+
+
 FILE_SOURCES: dict[str, type] = {"jsonl": JsonlField, "parquet": ParquetColumn, "hf-disk": HFDiskColumn}
 BUILTIN_SOURCES: dict[str, type] = {"pydocs": PythonDocstrings, "reasoning": ReasoningDocs}
 SCHEMES = ("text", *FILE_SOURCES, "builtin")
