@@ -192,3 +192,32 @@ def test_answers_compare_by_value_whatever_their_length():
     huge = "7" * 5000  # int() refuses strings over 4300 digits
     assert verify(problem(huge), f"Answer: {huge}") and not verify(problem(huge), f"Answer: {huge}7")
     assert not verify(problem("12345678901234567890123456789012"), "Answer: 12345678901234567890123456789013")
+
+
+def test_equivalent_questions_share_a_key_and_different_ones_do_not():
+    from turbos.data.tasks.equivalence import equivalence_key
+
+    def problem(family: str, question: str) -> Problem:
+        return Problem(family, 1, question, "", (), "x")
+
+    same = [
+        problem("add", "What is 5 + 1?"),
+        problem("add", "What is 1 + 5?"),
+        problem("expr", "Evaluate: 1 + 5"),
+        problem("expr", "Evaluate: 5 + 1"),
+    ]
+    assert len({equivalence_key(p) for p in same}) == 1
+    assert equivalence_key(problem("expr", "Evaluate: 2 * (3 + 4)")) == equivalence_key(
+        problem("expr", "Evaluate: (4 + 3) * 2")
+    )
+    assert equivalence_key(problem("expr", "Evaluate: 5 - 1")) != equivalence_key(
+        problem("expr", "Evaluate: 1 - 5")
+    ), "subtraction does not commute"
+    assert equivalence_key(problem("chain", "Al>Bo, Bo>Cy. Who is tallest?")) == equivalence_key(
+        problem("chain", "Bo>Cy, Al>Bo. Who is tallest?")
+    )
+    assert equivalence_key(problem("chain", "Al>Bo, Bo>Cy. Who is tallest?")) != equivalence_key(
+        problem("chain", "Al>Bo, Bo>Cy. Who is shortest?")
+    )
+    seq = problem("seq", "What comes next: 1, 2, 3?")
+    assert equivalence_key(seq) == ("seq", seq.question)
