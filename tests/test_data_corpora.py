@@ -9,7 +9,8 @@ import pytest
 
 from turbos.data.builtin import PythonDocstrings, ReasoningDocs
 from turbos.data.corpora import Mixture, build_corpus, interleave, parse_source
-from turbos.data.tasks import split_of
+from turbos.data.tasks import generate_problems, render_document
+from turbos.data.tasks.equivalence import problem_split
 
 
 def write_jsonl(path, records):
@@ -188,8 +189,9 @@ def test_pydocs_reads_the_standard_library_deterministically():
 def test_reasoning_documents_are_worked_train_problems():
     documents = list(build_corpus({"source": "builtin:reasoning", "n": 60, "levels": [4, 5]}))
     assert len(documents) == 60
-    for document in documents:
-        question = document.split("\n")[0].removeprefix("Question: ")
-        assert split_of(question) == "train", "test questions must never leak into pre-training"
+    problems = generate_problems(60, levels=[4, 5])
+    assert documents == [render_document(p) for p in problems]
+    for problem, document in zip(problems, documents, strict=True):
+        assert problem_split(problem) == "train", "test problems must never leak into pre-training"
         assert "\nAnswer: " in document
     assert documents == list(ReasoningDocs(n=60, levels=(4, 5)))

@@ -15,9 +15,9 @@ from turbos.data.tasks import (
     render_document,
     render_short,
     render_steps,
-    split_of,
     verify,
 )
+from turbos.data.tasks.equivalence import problem_split
 from turbos.data.tasks.expr import render
 
 
@@ -46,11 +46,20 @@ def test_problems_are_distinct_within_a_split(problems):
     assert len({p.uid for p in problems}) == len(problems)
 
 
-def test_train_and_test_never_overlap():
-    train = {p.question for p in generate_problems(2000, split="train", seed=1)}
-    test = {p.question for p in generate_problems(500, split="test", seed=2)}
-    assert not train & test
-    assert {split_of(q) for q in train} == {"train"} and {split_of(q) for q in test} == {"test"}
+def test_train_and_test_never_overlap_not_even_in_another_form():
+    train = generate_problems(2000, split="train", seed=1)
+    test = generate_problems(500, split="test", seed=2)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert {problem_split(p) for p in train} == {"train"} and {problem_split(p) for p in test} == {"test"}
+    # a sum is on one side of the split in every form: commuted, and asked as an expression
+    for a in range(10):
+        for b in range(10):
+            forms = [
+                Problem("add", 1, f"What is {a} + {b}?", "", (), "x"),
+                Problem("add", 1, f"What is {b} + {a}?", "", (), "x"),
+                Problem("expr", 1, f"Evaluate: {b} + {a}", "", (), "x"),
+            ]
+            assert len({problem_split(p) for p in forms}) == 1, (a, b)
 
 
 def test_a_level_with_too_few_problems_gives_all_it_has_and_others_make_up():

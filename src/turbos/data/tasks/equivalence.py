@@ -1,11 +1,13 @@
-"""When two built-in questions are the same problem in another surface form.
+"""When two built-in questions are the same problem in another surface form, and so which split
+a problem belongs to.
 
-The train/test split (`split_of`) hashes a question's text, so "What is 5 + 1?" can be held out
-while "What is 1 + 5?" is trained on, and "Evaluate: 5 + 3" is the same sum as the addition
-question "What is 5 + 3?". `equivalence_key` gives such questions one key: sums and products with
-their operands sorted (in additions and in expressions alike, so the two families share keys),
-and height facts as a set. Other questions are their own key. `benchmarks/leakage.py` measures
-how many held-out problems have an equivalent in the training data.
+"What is 5 + 1?" and "What is 1 + 5?" are one problem, and "Evaluate: 5 + 3" is the same sum as
+the addition question "What is 5 + 3?". `equivalence_key` gives such questions one key: sums and
+products with their operands sorted (in additions and in expressions alike, so the two families
+share keys), and height facts as a set. Other questions are their own key. `problem_split` hashes
+the key, so a problem and every equivalent of it are on the same side of the train/test split.
+(Hashing the question text, as the split did before, held out "5 + 1" while training on "1 + 5":
+`benchmarks/leakage.py` measures that on a demo run.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import ast
 import re
 
-from turbos.data.tasks.problem import Problem
+from turbos.data.tasks.problem import Problem, split_of
 
 _ADD = re.compile(r"What is (\d+) \+ (\d+)\?")
 _CHAIN = re.compile(r"(.+)\. Who is (tallest|shortest)\?")
@@ -43,3 +45,8 @@ def equivalence_key(problem: Problem) -> tuple[str, ...]:
     if problem.family == "chain" and (match := _CHAIN.fullmatch(problem.question)):
         return ("chain", *sorted(match[1].split(", ")), match[2])
     return (problem.family, problem.question)
+
+
+def problem_split(problem: Problem) -> str:
+    """The split ("train" or "test") of a problem and of every equivalent of it, fixed forever."""
+    return split_of("\x1f".join(equivalence_key(problem)))

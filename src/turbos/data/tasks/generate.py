@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 from turbos.data.tasks.add import ADD
 from turbos.data.tasks.chain import CHAIN
+from turbos.data.tasks.equivalence import problem_split
 from turbos.data.tasks.expr import EXPR
-from turbos.data.tasks.problem import SPLITS, Problem, TaskFamily, split_of
+from turbos.data.tasks.problem import SPLITS, Problem, TaskFamily
 from turbos.data.tasks.seq import SEQ
 
 TASK_FAMILIES: dict[str, TaskFamily] = {family.name: family for family in (ADD, EXPR, SEQ, CHAIN)}
@@ -31,7 +32,7 @@ class _LevelDraws:
         fruitless = 0
         while len(self.found) < count and not self.exhausted:
             problem = self.family.generate(self.level, self.rng)
-            if split_of(problem.question) == self.split and problem.question not in self.found:
+            if problem_split(problem) == self.split and problem.question not in self.found:
                 self.found[problem.question] = problem
                 fruitless = 0
             else:
@@ -69,12 +70,12 @@ def generate_problems(
     """`n` distinct problems of `split`, shuffled, spread evenly over every (family, level) pair.
 
     None means every family / each family's every level; a family or level named twice counts
-    once. The same arguments always give the same
-    list, and a question belongs to the train or the test split forever (see `split_of`), so the
-    two never overlap. A level with fewer distinct problems than its share (single-digit addition
-    has 100 questions, about 80 of them in train) gives all it has and the other levels make up
-    the difference. Raises ValueError for an unknown family, level or split, and when all the
-    levels together have fewer than `n` distinct problems.
+    once. The same arguments always give the same list, and a problem belongs to the train or the
+    test split forever, with every equivalent of it (`turbos.data.tasks.equivalence.problem_split`),
+    so the two never overlap, not even in another surface form. A level with fewer distinct
+    problems than its share (single-digit addition has 100 questions, 65 of them in train)
+    gives all it has and the other levels make up the difference. Raises ValueError for an unknown
+    family, level or split, and when all the levels together have fewer than `n` distinct problems.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")

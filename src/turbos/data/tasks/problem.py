@@ -30,9 +30,10 @@ def _digest(question: str) -> bytes:
     return hashlib.sha256(question.encode("utf-8")).digest()
 
 
-def split_of(question: str) -> str:
-    """The split ("train" or "test") a question belongs to, fixed forever by a hash of its text."""
-    bucket = int.from_bytes(_digest(question)[:8], "big") % 100
+def split_of(text: str) -> str:
+    """The split ("train" or "test") of a text, fixed forever by its hash; problems are split by
+    their equivalence key (`turbos.data.tasks.equivalence.problem_split`)."""
+    bucket = int.from_bytes(_digest(text)[:8], "big") % 100
     return "test" if bucket < TEST_PERCENT else "train"
 
 
