@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -88,3 +89,16 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def demo_answers(doc: str, name: str) -> tuple[argparse.Namespace, Path, list[dict]]:
+    """For benchmarks of a finished `turbos demo`: the parsed ``--run`` / ``--name`` arguments,
+    the run's ``eval/answers.jsonl`` and its rows (SystemExit when the run has none)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished turbos demo folder")
+    parser.add_argument("--name", default=name, help="results file name (no extension)")
+    args = parser.parse_args()
+    answers = args.run / "eval" / "answers.jsonl"
+    if not answers.is_file():
+        raise SystemExit(f"{answers} not found: run `turbos demo --out {args.run}` first")
+    return args, answers, [json.loads(line) for line in answers.read_text().splitlines()]

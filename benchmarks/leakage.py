@@ -14,13 +14,11 @@ Writes benchmarks/results/<name>.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import demo_answers, write_json  # noqa: E402
 from turbos.data.builtin import ReasoningDocs  # noqa: E402
 from turbos.data.tasks import generate_problems  # noqa: E402
 from turbos.data.tasks.equivalence import equivalence_key  # noqa: E402
@@ -29,14 +27,8 @@ from turbos.post.evaluate import Answer, builtin_problems, format_table, summari
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", default="runs/demo", help="a finished turbos demo output folder")
-    parser.add_argument("--name", default="leakage", help="results file name (no extension)")
-    args = parser.parse_args()
-    run = Path(args.run)
-    answers_file = run / "eval" / "answers.jsonl"
-    if not answers_file.is_file():
-        raise SystemExit(f"{answers_file} not found: run `turbos demo --out {run}` first")
+    args, answers_file, rows = demo_answers(__doc__, "leakage")
+    run = args.run
     settings = DemoSettings.load(run / "settings.json")
     if settings.pretrain_overrides:
         raise SystemExit("this run overrides the pre-training recipe; its training data is not the default")
@@ -52,7 +44,6 @@ def main() -> None:
         settings.eval_per_level * len(fams) * len(levels), fams, levels, settings.seed
     )
     by_uid = {p.uid: p for p in held_out}
-    rows = [json.loads(line) for line in answers_file.read_text().splitlines()]
     if {r["uid"] for r in rows} != set(by_uid):
         raise SystemExit(f"{answers_file} is not this run's held-out set")
     leaked = {uid for uid, p in by_uid.items() if equivalence_key(p) in trained}

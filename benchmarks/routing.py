@@ -21,13 +21,11 @@ the issue's target region: within 3 points of think at <= 60% of its tokens).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_json  # noqa: E402
+from common import RESULTS, demo_answers, write_json  # noqa: E402
 from turbos.data.tokenizer import load_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
 from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO, target_think_bounds  # noqa: E402
@@ -45,15 +43,8 @@ TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", default="runs/demo", help="a finished turbos demo output folder")
-    parser.add_argument("--name", default="routing", help="results file name (no extension)")
-    args = parser.parse_args()
-    run = Path(args.run)
-    answers = run / "eval" / "answers.jsonl"
-    if not answers.is_file():
-        raise SystemExit(f"{answers} not found: run `turbos demo --out {run}` first")
-    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    args, answers, rows = demo_answers(__doc__, "routing")
+    run = args.run
     choices = paired(rows)
     auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
     n = len(choices)
