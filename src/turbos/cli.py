@@ -79,16 +79,6 @@ def _teacher_kind(args: argparse.Namespace) -> str:
 
 
 def _cmd_fuse_cot(args: argparse.Namespace) -> int:
-    from turbos.post.cot_fusion import TeacherError
-
-    try:
-        return _fuse_cot(args)
-    except TeacherError as err:
-        print(f"turbos fuse-cot: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _fuse_cot(args: argparse.Namespace) -> int:
     from turbos.data.tasks import generate_problems
     from turbos.post.cot_fusion import (
         BuiltinTeacher,

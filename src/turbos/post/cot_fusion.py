@@ -78,8 +78,9 @@ NO_ANSWER = "(no answer)"
 """A failed attempt with no text of its own (an empty reply), as the teacher is shown it."""
 
 
-class TeacherError(RuntimeError):
-    """The teacher cannot be asked (an endpoint that is unreachable or answers with an error)."""
+class TeacherError(ConnectionError):
+    """The teacher cannot be asked (an endpoint that is unreachable or answers with an error); an
+    OSError, so the CLI reports it as one line."""
 
 
 class Teacher(Protocol):

@@ -3,13 +3,10 @@
 Every evaluated problem has a direct answer (``no_think``) and a thinking answer (``think``) from the
 same model; ``auto`` picks one of the two with its first token after ``<think>`` (``</think>``:
 answer directly). A router that picks per problem, knowing which answers are right, can do no
-better than the *oracle frontier*: start from the cheaper answer of every problem, then switch to
-the dearer one, cheapest switch first, where only the dearer one is right. Each switch gains one
-right answer, so this order gives the fewest tokens for every accuracy.
-
-The oracle can also be held to thinking rates per level (``think_bounds``, e.g. the issue's "think
-on >= 80% of the hardest problems and <= 20% of the easiest"); then an exact search over how many
-problems of each outcome think, per level, replaces the greedy order.
+better than the *oracle frontier*: the fewest tokens at each accuracy, found exactly per level by
+how many problems of each outcome think (``_level_costs``). The oracle can also be held to
+thinking rates per level (``think_bounds``, e.g. the issue's "think on >= 80% of the hardest
+problems and <= 20% of the easiest").
 
 Comparing auto with the oracle (and with thresholds on the model's own probability of skipping)
 tells whether a missed token target comes from what the model can answer or from when it thinks.
@@ -109,25 +106,30 @@ def routed(choices: Sequence[Choice], think: Sequence[bool]) -> tuple[float, flo
 def oracle_frontier(
     choices: Sequence[Choice], think_bounds: ThinkBounds | None = None
 ) -> list[tuple[float, float]]:
-    """(accuracy, mean tokens) of the cheapest per-problem choices at each reachable accuracy;
-    with ``think_bounds``, only among routings that think on those shares of those levels."""
-    if think_bounds:
-        return _bounded_frontier(choices, think_bounds)
-    n = max(len(choices), 1)
-    correct = tokens = 0
-    switches = []
+    """(accuracy, mean tokens) of the cheapest per-problem choices at each reachable accuracy,
+    ascending; with ``think_bounds``, only among routings that think on those shares of those
+    levels."""
+    think_bounds = think_bounds or {}
+    by_level: dict[int, list[Choice]] = {}
     for c in choices:
-        options = sorted((tokens, ok) for ok, tokens in (c.routed(False), c.routed(True)))
-        (cheap_tokens, cheap_ok), (dear_tokens, dear_ok) = options
-        correct += cheap_ok
-        tokens += cheap_tokens
-        if dear_ok and not cheap_ok:
-            switches.append(dear_tokens - cheap_tokens)
-    frontier = [(correct / n, tokens / n)]
-    for extra in sorted(switches):
-        correct, tokens = correct + 1, tokens + extra
-        frontier.append((correct / n, tokens / n))
-    return frontier
+        by_level.setdefault(c.level, []).append(c)
+    unknown = set(think_bounds) - set(by_level)
+    if unknown:
+        raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
+    total = torch.zeros(1, dtype=torch.float64)  # fewest tokens for exactly k right answers so far
+    for level, group in by_level.items():
+        costs = _level_costs(group, *think_bounds.get(level, (0.0, 1.0)))
+        k, j = torch.arange(len(total)).unsqueeze(1), torch.arange(len(costs)).unsqueeze(0)
+        merged = torch.full((len(total) + len(costs) - 1,), math.inf, dtype=torch.float64)
+        pairs = (total.unsqueeze(1) + costs.unsqueeze(0)).reshape(-1)
+        total = merged.scatter_reduce_(0, (k + j).reshape(-1), pairs, reduce="amin")
+    n = max(len(choices), 1)
+    frontier, best = [], math.inf
+    for k, tokens in reversed(list(enumerate(total.tolist()))):  # at least k right: cheapest from k up
+        if tokens < best:
+            best = tokens
+            frontier.append((k / n, best / n))
+    return frontier[::-1]
 
 
 def _level_costs(choices: Sequence[Choice], least: float, most: float) -> torch.Tensor:
@@ -172,29 +174,6 @@ def _level_costs(choices: Sequence[Choice], least: float, most: float) -> torch.
     total = torch.where(m_low <= m_high, total, torch.full_like(total, math.inf))
     right = (base_right - b + c).expand_as(total)
     return costs.scatter_reduce_(0, right.reshape(-1), total.reshape(-1), reduce="amin")
-
-
-def _bounded_frontier(choices: Sequence[Choice], think_bounds: ThinkBounds) -> list[tuple[float, float]]:
-    by_level: dict[int, list[Choice]] = {}
-    for c in choices:
-        by_level.setdefault(c.level, []).append(c)
-    unknown = set(think_bounds) - set(by_level)
-    if unknown:
-        raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
-    total = torch.zeros(1, dtype=torch.float64)  # fewest tokens for exactly k right answers so far
-    for level, group in by_level.items():
-        costs = _level_costs(group, *think_bounds.get(level, (0.0, 1.0)))
-        k, j = torch.arange(len(total)).unsqueeze(1), torch.arange(len(costs)).unsqueeze(0)
-        merged = torch.full((len(total) + len(costs) - 1,), math.inf, dtype=torch.float64)
-        pairs = (total.unsqueeze(1) + costs.unsqueeze(0)).reshape(-1)
-        total = merged.scatter_reduce_(0, (k + j).reshape(-1), pairs, reduce="amin")
-    n = max(len(choices), 1)
-    frontier, best = [], math.inf
-    for k, tokens in reversed(list(enumerate(total.tolist()))):  # at least k right: cheapest from k up
-        if tokens < best:
-            best = tokens
-            frontier.append((k / n, best / n))
-    return frontier[::-1]
 
 
 def fewest_tokens(frontier: Sequence[tuple[float, float]], accuracy: float) -> float | None:
