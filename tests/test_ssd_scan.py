@@ -38,8 +38,10 @@ def random_inputs(b=2, T=37, h=4, p=8, g=2, n=6, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 8, 16, 64])
-@pytest.mark.parametrize("T", [1, 16, 37])
+@pytest.mark.parametrize("T", [1, 16, 37, 65])
 def test_chunked_scan_matches_the_recurrence(chunk: int, T: int) -> None:
+    # chunk_size is the longest chunk: 37 steps with chunk 16 are 3 chunks of 13 (2 padded), and
+    # 65 with 64 are 2 of 33 (1 padded); fewer steps than chunk_size are one chunk of their own.
     x, dt, A, B, C, D, s0 = random_inputs(T=T, seed=chunk + T)
     y_ref, s_ref = naive_recurrence(x, dt, A, B, C, D, s0)
     y, s = ssd_chunk_scan(x, dt, A, B, C, chunk, D, s0)

@@ -81,15 +81,18 @@ def test_groups_get_scaled_lrs_and_weight_decay() -> None:
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
-def test_foreach_adamw_matches_the_per_tensor_loop_bit_for_bit() -> None:
-    """build_optimizer asks for foreach (not PyTorch's CPU default); the values must not change."""
+def test_fused_adamw_matches_the_per_tensor_loop() -> None:
+    """build_optimizer asks for the fused update (not PyTorch's CPU default); the values must
+    match the per-tensor loop to fp32 round-off (the fused kernel orders the arithmetic
+    differently, so not bit for bit)."""
     torch.manual_seed(0)
     models = [TurboSForCausalLM(small_config()) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
+    before = {name: p.detach().clone() for name, p in models[0].named_parameters()}
     fast, plain = (build_optimizer(model, lr=1e-2, expert_scale=0.5) for model in models)
-    assert all(group["foreach"] for group in fast.param_groups)
+    assert all(group["fused"] for group in fast.param_groups)
     for group in plain.param_groups:
-        group["foreach"] = False
+        group["fused"], group["foreach"] = False, False
     ids = torch.randint(0, models[0].config.vocab_size, (2, 16))
     for step in range(3):
         for model, optimizer in zip(models, (fast, plain), strict=True):
@@ -97,5 +100,6 @@ def test_foreach_adamw_matches_the_per_tensor_loop_bit_for_bit() -> None:
             optimizer.zero_grad()
             model(ids, labels=ids).loss.backward()
             optimizer.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(a, b)
+    moved = [(a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters())]
+    assert max(moved) < 1e-5, max(moved)
+    assert min((p - before[n]).abs().max() for n, p in models[0].named_parameters()) > 1e-3  # moved

@@ -118,19 +118,23 @@ def ssd_chunk_scan(
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan for any T (padded up to a multiple of chunk_size internally).
+    """Chunked SSD scan for any T. ``chunk_size`` is the longest chunk: T is split into
+    ceil(T / chunk_size) chunks of equal length (the last padded by fewer steps than there are
+    chunks), so a short sequence is one chunk of its own length rather than padded to
+    ``chunk_size``; any chunking gives the same result.
 
     Returns (y (b, T, h, p) fp32, final state (b, h, p, n) fp32).
     """
     b, T, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r, q = h // g, chunk_size
-    pad = (-T) % q
+    chunks = max(1, -(-T // chunk_size))
+    r, q = h // g, max(1, -(-T // chunks))
+    pad = chunks * q - T
     xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unaffected
         xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
         dtf = F.pad(dtf, (0, 0, 0, pad))
-    c = (T + pad) // q
+    c = chunks
 
     # Heads split as (g, r): r heads share the group's B and C. Layout (b, c, g, r, q, ...).
     xdt = (xf * dtf[..., None]).view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)

@@ -55,7 +55,7 @@ class DemoSettings:
     as in the report's fusion: 0.1 fixed forced thinking on easy additions in 4 runs of 4, and
     auto then trailed think by 13-20 points (README)."""
     general_chats: int = 600
-    adaptive_steps: int = 1300
+    adaptive_steps: int = 1000
     adaptive_from: str = "base"
     """Model the adaptive SFT starts from: "base" (the pre-trained model, as the report does) or
     "short" (the short-CoT model, keeping its direct-answer skill; an ablation)."""
