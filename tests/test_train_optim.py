@@ -100,6 +100,9 @@ def test_fused_adamw_matches_the_per_tensor_loop() -> None:
             optimizer.zero_grad()
             model(ids, labels=ids).loss.backward()
             optimizer.step()
-    moved = [(a - b).abs().max().item() for a, b in zip(models[0].parameters(), models[1].parameters())]
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True)
+    ]
     assert max(moved) < 1e-5, max(moved)
     assert min((p - before[n]).abs().max() for n, p in models[0].named_parameters()) > 1e-3  # moved
