@@ -9,7 +9,7 @@ of being trained again.
     python benchmarks/sft_seeds.py [--run runs/demo] [--seeds 0 1 2] [--name sft_seeds]
 
 Seed runs live under <run>/sft-seeds/seed-<n>/ and are reused when finished with the same recipe
-(an interrupted one resumes from its checkpoint). About 8 minutes per seed on 2 CPU cores.
+(an interrupted one resumes from its checkpoint). About 7 minutes per seed on 2 CPU cores (demo defaults).
 Writes benchmarks/results/<name>.json and <name>.png (one panel per target, a point per seed).
 """
 
