@@ -127,14 +127,13 @@ def ssd_chunk_scan(
     """
     b, T, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    chunks = max(1, -(-T // chunk_size))
-    r, q = h // g, max(1, -(-T // chunks))
-    pad = chunks * q - T
+    c = max(1, -(-T // chunk_size))  # chunks
+    r, q = h // g, max(1, -(-T // c))
+    pad = c * q - T
     xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is unaffected
         xf, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
         dtf = F.pad(dtf, (0, 0, 0, pad))
-    c = chunks
 
     # Heads split as (g, r): r heads share the group's B and C. Layout (b, c, g, r, q, ...).
     xdt = (xf * dtf[..., None]).view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)
