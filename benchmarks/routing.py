@@ -11,7 +11,10 @@ auto) and its adaptive model, then compares, as (accuracy, tokens as a share of 
 - the oracle frontier (``turbos.post.routing``): per problem the cheaper answer, then the
   cheapest switches to the right one; no router of these two answers does better;
 - the same oracle held to the thinking-rate target (>= 80% of the hardest level, <= 20% of the
-  easiest), so that it could meet all three targets at once.
+  easiest), so that it could meet all three targets at once;
+- the informed frontier, held to the same target: the best router that knows each problem's
+  family, level and whether its direct answer is right, but not whether thinking is (what
+  fusion's labels carry), with its best accuracy at 60% of think's tokens.
 
     python benchmarks/routing.py [--run runs/demo] [--name routing]
 
@@ -49,7 +52,7 @@ def main() -> None:
     auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
     n = len(choices)
     bounds = target_think_bounds(c.level for c in choices)
-    summary = routing_summary(choices, MAX_DROP, bounds)
+    summary = routing_summary(choices, MAX_DROP, bounds, MAX_TOKEN_RATIO)
     think_tokens, think_accuracy = summary["think_tokens"], summary["think_accuracy"]
 
     model_dir = run / "sft-adaptive" / "model"
@@ -69,6 +72,8 @@ def main() -> None:
     thresholds = {tau: point(*routed(choices, [p < tau for p in p_skip])) for tau in TAUS}
     frontier = [point(*p) for p in summary["oracle_frontier"]]
     bounded_frontier = [point(*p) for p in summary.get("bounded_oracle_frontier", [])]
+    informed_frontier = [point(*p) for p in summary["informed_frontier"]]
+    informed = summary["informed_accuracy"]
     in_target = [
         tau
         for tau, p in thresholds.items()
@@ -111,6 +116,15 @@ def main() -> None:
             f"oracle {describe_bounds(bounds)}: within {MAX_DROP:.0%} of think at "
             + ("(out of reach)" if bounded is None else f"{bounded:.0%} of its tokens")
         )
+    print(
+        f"informed router, {describe_bounds(bounds) if bounds else 'unbounded'}: at {MAX_TOKEN_RATIO:.0%} of "
+        "think's tokens "
+        + (
+            "(out of reach)"
+            if informed is None
+            else f"accuracy {informed:6.1%} ({(informed - think_accuracy) * 100:+.1f} points)"
+        )
+    )
     print(f"thresholds inside the target region: {in_target or 'none'}")
 
     payload = {
@@ -132,8 +146,10 @@ def main() -> None:
         "think_bounds": summary.get("think_bounds"),
         "bounded_oracle_token_ratio_within_3_points": summary.get("bounded_oracle_token_ratio"),
         "thresholds_in_target": in_target,
+        "informed_accuracy_at_max_token_ratio": informed,
         "oracle_frontier": frontier,
         "bounded_oracle_frontier": bounded_frontier,
+        "informed_frontier": informed_frontier,
     }
     write_json(f"{args.name}.json", payload)
     plot(payload, RESULTS / f"{args.name}.png")
@@ -162,6 +178,14 @@ def plot(payload: dict, path: Path) -> None:
             ls="--",
             label="oracle, thinking on >= 80% of hardest, <= 20% of easiest",
         )
+    informed = payload["informed_frontier"]
+    ax.plot(
+        [p["token_ratio"] * 100 for p in informed],
+        [p["accuracy"] * 100 for p in informed],
+        color="tab:cyan",
+        ls="-.",
+        label="knows where the direct answer fails (same thinking rates)",
+    )
     thresholds = list(payload["thresholds"].values())
     ax.plot(
         [p["token_ratio"] * 100 for p in thresholds],

@@ -3,8 +3,10 @@
 Takes a finished `turbos demo` run and retrains only its adaptive SFT (stage 4) with other seeds:
 the same pre-trained model, fused data, recipe and steps; only the seed, which draws the batches,
 changes. Each seed's model is evaluated as stage 5 does (same held-out problems, greedy) and
-checked against the issue's three targets. The demo's own seed is read from its stage 5 instead
-of being trained again.
+checked against the issue's three targets, and, from its answers, the best accuracy a router
+that knows where the direct answer fails (what fusion's labels carry) could reach at 60% of
+think's tokens (``turbos.post.routing.informed_frontier``). The demo's own seed is read from its
+stage 5 instead of being trained again.
 
     python benchmarks/sft_seeds.py [--run runs/demo] [--seeds 0 1 2] [--name sft_seeds]
 
@@ -24,7 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
-from turbos.post.demo import DemoSettings, adaptive_sft_recipe, check_targets, evaluate_adaptive  # noqa: E402
+from turbos.post.demo import (  # noqa: E402
+    MAX_DROP,
+    MAX_TOKEN_RATIO,
+    DemoSettings,
+    adaptive_sft_recipe,
+    check_targets,
+    evaluate_adaptive,
+    target_think_bounds,
+)
+from turbos.post.routing import paired, routing_summary  # noqa: E402
 from turbos.post.sft import recipe_state, run_sft  # noqa: E402
 from turbos.train.checkpoint import latest_checkpoint  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
@@ -35,29 +46,42 @@ COLUMNS = (  # (key in the targets' values, header, scale)
     ("token_ratio", "tokens % of think", 100),
     ("think_rate_hardest", "auto thinks hardest %", 100),
     ("think_rate_easiest", "auto thinks easiest %", 100),
+    ("informed_minus_think", "informed router-think", 100),
 )
 
 
-def seed_result(run: Path, settings: DemoSettings, seed: int, progress: bool) -> dict:
-    """Evaluation results (by mode) of the adaptive SFT with this seed; trains it if needed."""
+def seed_result(run: Path, settings: DemoSettings, seed: int, progress: bool) -> tuple[dict, Path]:
+    """Evaluation results (by mode) of the adaptive SFT with this seed, and the file of its
+    answers; trains it if needed."""
     if seed == settings.seed:
         demo_eval = run / "eval" / "done.json"
         if not demo_eval.is_file():
             raise SystemExit(f"{demo_eval} not found: finish `turbos demo --out {run}` first")
-        return json.loads(demo_eval.read_text())["results"]
+        return json.loads(demo_eval.read_text())["results"], run / "eval" / "answers.jsonl"
     folder = run / "sft-seeds" / f"seed-{seed}"
     recipe = replace(adaptive_sft_recipe(settings, run), seed=seed, output_dir=str(folder))
     saved = folder / "eval.json"
     key = recipe_state(recipe)
     if saved.is_file() and (done := json.loads(saved.read_text())).get("recipe") == key:
         print(f"seed {seed}: reusing {folder}")
-        return done["results"]
+        return done["results"], folder / "answers.jsonl"
     print(f"seed {seed}: adaptive SFT ({recipe.steps} steps) -> {folder}", flush=True)
     run_sft(recipe, progress, resume=latest_checkpoint(folder) if folder.is_dir() else None, overwrite=True)
     result = evaluate_adaptive(folder / "model", settings, folder)
     result["recipe"] = key
     saved.write_text(json.dumps(result, indent=2) + "\n")
-    return result["results"]
+    return result["results"], folder / "answers.jsonl"
+
+
+def informed_minus_think(answers: Path) -> float:
+    """Best accuracy of the informed router (held to the thinking-rate target) at 60% of think's
+    tokens, minus think's accuracy (-1 if that many tokens are out of its reach)."""
+    choices = paired(json.loads(line) for line in answers.read_text().splitlines())
+    summary = routing_summary(
+        choices, MAX_DROP, target_think_bounds(c.level for c in choices), MAX_TOKEN_RATIO
+    )
+    informed = summary["informed_accuracy"]
+    return -1.0 if informed is None else informed - summary["think_accuracy"]
 
 
 def values(targets: dict) -> dict[str, float]:
@@ -91,8 +115,16 @@ def plot(rows: dict[int, dict], path: Path) -> None:
     gain_ax.set_title("1. the hardest level needs thinking")
     top = max(5.0, *(v[s]["auto_minus_think"] * 100 + 1 for s in seeds))
     gap_ax.fill_between([0, 60], -3, top, color="tab:green", alpha=0.12, label="target region")
-    for s in seeds:
-        gap_ax.scatter(v[s]["token_ratio"] * 100, v[s]["auto_minus_think"] * 100, s=60)
+    for i, s in enumerate(seeds):
+        gap_ax.scatter(v[s]["token_ratio"] * 100, v[s]["auto_minus_think"] * 100, s=60, color=f"C{i}")
+        gap_ax.scatter(
+            MAX_TOKEN_RATIO * 100,
+            v[s]["informed_minus_think"] * 100,
+            s=60,
+            facecolors="none",
+            edgecolors=f"C{i}",
+            label="best informed router" if i == 0 else None,
+        )
         gap_ax.annotate(
             f"seed {s}",
             (v[s]["token_ratio"] * 100, v[s]["auto_minus_think"] * 100),
@@ -144,10 +176,10 @@ def main() -> None:
     settings = DemoSettings.load(run / "settings.json")
     rows = {}
     for seed in dict.fromkeys(args.seeds):
-        results = seed_result(run, settings, seed, not args.no_progress)
+        results, answers = seed_result(run, settings, seed, not args.no_progress)
         targets = check_targets(results)
         rows[seed] = {
-            "values": values(targets),
+            "values": {**values(targets), "informed_minus_think": informed_minus_think(answers)},
             "met": [t["met"] for t in targets.values()],
             "targets": targets,
             "results": results,

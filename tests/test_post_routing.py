@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from turbos.post.routing import (
     AUTO_DIRECT_EXTRA,
     AUTO_THINK_EXTRA,
     Choice,
+    best_accuracy,
     fewest_tokens,
+    informed_frontier,
     oracle_frontier,
     outcome_counts,
     paired,
@@ -96,20 +99,72 @@ def test_bounded_oracle_is_the_fewest_tokens_among_routings_within_the_thinking_
         oracle_frontier(choices, {7: (0.0, 1.0)})
 
 
+def test_informed_frontier_is_the_best_routing_blind_within_each_group() -> None:
+    """Against every routing that thinks on k problems of each (family, level, direct right)
+    group, scored by expectation since the router cannot tell the group's problems apart."""
+    rng = random.Random(2)
+    for trial in range(40):
+        choices = [replace(c, family=rng.choice("ab")) for c in random_choices(10, rng, levels=2)]
+        levels = sorted({c.level for c in choices})
+        bounds = {} if trial % 4 == 0 else {levels[-1]: (0.6, 1.0), levels[0]: (0.0, 0.5)}
+        groups: dict[tuple, list[Choice]] = {}
+        for c in choices:
+            groups.setdefault((c.family, c.level, c.direct_correct), []).append(c)
+        points = []
+        for counts in itertools.product(*(range(len(g) + 1) for g in groups.values())):
+            thinking = dict.fromkeys(levels, 0)
+            for (_, level, _), k in zip(groups, counts, strict=True):
+                thinking[level] += k
+            sizes = {level: sum(c.level == level for c in choices) for level in levels}
+            if any(not lo - 1e-9 <= thinking[lv] / sizes[lv] <= hi + 1e-9 for lv, (lo, hi) in bounds.items()):
+                continue
+            right = tokens = 0.0
+            for g, k in zip(groups.values(), counts, strict=True):
+                for c in g:
+                    for think, share in ((True, k / len(g)), (False, 1 - k / len(g))):
+                        ok, t = c.routed(think)
+                        right, tokens = right + share * ok, tokens + share * t
+            points.append((right / len(choices), tokens / len(choices)))
+        frontier = informed_frontier(choices, bounds)
+        assert points and frontier
+        for accuracy, tokens in frontier:  # every vertex is a routing
+            assert any(abs(accuracy - a) < 1e-9 and abs(tokens - t) < 1e-9 for a, t in points)
+        for accuracy, tokens in points:  # and none is above the frontier
+            best = best_accuracy(frontier, tokens)
+            assert best is not None and best >= accuracy - 1e-9, (accuracy, tokens, frontier)
+    alone = [replace(c, family=str(i)) for i, c in enumerate(random_choices(6, rng))]  # groups of one
+    oracle, informed = oracle_frontier(alone), informed_frontier(alone)
+    for accuracy, tokens in oracle:  # knowing each problem's group is knowing its outcomes
+        assert best_accuracy(informed, tokens) >= accuracy - 1e-9
+    assert best_accuracy(informed, informed[0][1] - 1) is None
+    assert informed_frontier(alone, {1: (0.55, 0.6)}) == [], "no routing thinks on 55-60% of 6 problems"
+
+
 def test_routing_counts_auto_tokens_and_pairs_answers() -> None:
     rows = [
         {"uid": "a", "level": 1, "question": "1+1", "mode": "no_think", "correct": True, "tokens": 5},
         {"uid": "a", "level": 1, "question": "1+1", "mode": "think", "correct": False, "tokens": 50},
         {"uid": "b", "level": 4, "question": "9*9", "mode": "no_think", "correct": False, "tokens": 6},
-        {"uid": "b", "level": 4, "question": "9*9", "mode": "think", "correct": True, "tokens": 90},
+        {
+            "uid": "b",
+            "level": 4,
+            "question": "9*9",
+            "mode": "think",
+            "correct": True,
+            "tokens": 90,
+            "family": "expr",
+        },
         {"uid": "b", "level": 4, "question": "9*9", "mode": "auto", "correct": True, "tokens": 91},
     ]
     choices = paired(rows)
+    assert [c.family for c in choices] == ["", "expr"], "rows written before families were saved"
     assert outcome_counts(choices) == {"both": 0, "direct_only": 1, "think_only": 1, "neither": 0}
     assert routed(choices, [False, True]) == (1.0, (5 + AUTO_DIRECT_EXTRA + 90 + AUTO_THINK_EXTRA) / 2)
     summary = routing_summary(choices, max_drop=0.0)
     assert summary["think_accuracy"] == 0.5
     assert summary["oracle_token_ratio"] == pytest.approx((5 + 2 + 6 + 2) / 2 / 70), "direct on both"
+    # informed: a is never worth thinking on; b's group thinks as far as 60% of think's 70 tokens go
+    assert summary["informed_accuracy"] == pytest.approx((1 + (0.6 * 70 * 2 - 15) / (91 - 8)) / 2)
     every, hard = summary["level_rules"]  # think from level 1 (everywhere) / from level 4 (on b)
     assert (every["from_level"], every["accuracy"]) == (1, 0.5)
     assert every["token_ratio"] == pytest.approx((50 + 1 + 90 + 1) / 2 / 70)
@@ -158,5 +213,6 @@ def test_turbos_eval_prints_the_routing_summary(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "right in both modes" in printed and "best per-problem choice" in printed
     assert "- the same, thinking on 80-100% of level 2 and 0-20% of level 1: " in printed
+    assert "- best accuracy at 60% of think's tokens knowing each problem's family" in printed
     assert main([*args, "--max-tokens", "4", "--modes", "no_think"]) == 0
     assert "best per-problem choice" not in capsys.readouterr().out, "needs both modes"

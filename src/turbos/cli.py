@@ -139,7 +139,7 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from turbos.post.demo import MAX_DROP, target_think_bounds
+    from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO, target_think_bounds
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
     from turbos.post.routing import routing_report
 
@@ -155,7 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not args.json and {"no_think", "think"} <= set(args.modes):
         rows = [a.row() for a in answers]
         bounds = target_think_bounds(r["level"] for r in rows)
-        print("\n" + "\n".join(routing_report(rows, MAX_DROP, bounds)).rstrip())
+        print("\n" + "\n".join(routing_report(rows, MAX_DROP, bounds, MAX_TOKEN_RATIO)).rstrip())
     return 0
 
 

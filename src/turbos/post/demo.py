@@ -465,7 +465,11 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
             for k, v in evaluation["targets"].items()
         ],
         "",
-        *(routing_report(rows, MAX_DROP, target_think_bounds(r["level"] for r in rows)) if rows else []),
+        *(
+            routing_report(rows, MAX_DROP, target_think_bounds(r["level"] for r in rows), MAX_TOKEN_RATIO)
+            if rows
+            else []
+        ),
         "![accuracy vs tokens](accuracy_vs_tokens.png) ![thinking rate](think_rate.png)",
         "",
     ]

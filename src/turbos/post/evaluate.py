@@ -37,6 +37,7 @@ class Answer:
         p = self.problem
         return {
             "uid": p.uid,
+            "family": p.family,
             "level": p.level,
             "mode": self.mode,
             "correct": self.correct,

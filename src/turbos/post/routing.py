@@ -14,6 +14,7 @@ tells whether a missed token target comes from what the model can answer or from
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Choice:
     direct_tokens: int
     think_correct: bool
     think_tokens: int
+    family: str = ""
 
     def routed(self, think: bool) -> tuple[bool, int]:
         """(correct, tokens) of auto taking this branch."""
@@ -53,7 +55,8 @@ class Choice:
 
 def paired(rows: Iterable[dict[str, Any]]) -> list[Choice]:
     """Choices from evaluation rows (``uid``, ``level``, ``question``, ``mode``, ``correct``,
-    ``tokens``, as in the demo's ``eval/answers.jsonl``); every problem needs both modes."""
+    ``tokens`` and, if known, ``family``, as in the demo's ``eval/answers.jsonl``); every problem
+    needs both modes."""
     by_uid: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_uid.setdefault(row["uid"], {})[row["mode"]] = row
@@ -72,6 +75,7 @@ def paired(rows: Iterable[dict[str, Any]]) -> list[Choice]:
                 int(direct["tokens"]),
                 bool(think["correct"]),
                 int(think["tokens"]),
+                str(think.get("family", "")),
             )
         )
     return choices
@@ -103,6 +107,12 @@ def routed(choices: Sequence[Choice], think: Sequence[bool]) -> tuple[float, flo
     return sum(ok for ok, _ in results) / n, sum(tokens for _, tokens in results) / n
 
 
+def _check_bound_levels(choices: Sequence[Choice], think_bounds: ThinkBounds) -> None:
+    unknown = set(think_bounds) - {c.level for c in choices}
+    if unknown:
+        raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
+
+
 def oracle_frontier(
     choices: Sequence[Choice], think_bounds: ThinkBounds | None = None
 ) -> list[tuple[float, float]]:
@@ -113,9 +123,7 @@ def oracle_frontier(
     by_level: dict[int, list[Choice]] = {}
     for c in choices:
         by_level.setdefault(c.level, []).append(c)
-    unknown = set(think_bounds) - set(by_level)
-    if unknown:
-        raise ValueError(f"think_bounds name levels with no problems: {sorted(unknown)}")
+    _check_bound_levels(choices, think_bounds)
     total = torch.zeros(1, dtype=torch.float64)  # fewest tokens for exactly k right answers so far
     for level, group in by_level.items():
         costs = _level_costs(group, *think_bounds.get(level, (0.0, 1.0)))
@@ -143,7 +151,7 @@ def _level_costs(choices: Sequence[Choice], least: float, most: float) -> torch.
     the count of switches that save tokens, clamped to what the bounds allow: O(n^2) in all.
     """
     n = len(choices)
-    low, high = math.ceil(least * n - 1e-9), math.floor(most * n + 1e-9)
+    low, high = _count_bounds(n, least, most)
     costs = torch.full((n + 1,), math.inf, dtype=torch.float64)
     if low > high:
         return costs
@@ -176,6 +184,88 @@ def _level_costs(choices: Sequence[Choice], least: float, most: float) -> torch.
     return costs.scatter_reduce_(0, right.reshape(-1), total.reshape(-1), reduce="amin")
 
 
+def _count_bounds(n: int, least: float, most: float) -> tuple[int, int]:
+    """The fewest and most of n problems a router may think on, for shares [least, most]."""
+    return math.ceil(least * n - 1e-9), math.floor(most * n + 1e-9)
+
+
+def informed_frontier(
+    choices: Sequence[Choice], think_bounds: ThinkBounds | None = None
+) -> list[tuple[float, float]]:
+    """Vertices (accuracy, mean tokens), ascending, of the best routings that know each problem's
+    kind (family and level) and whether its direct answer is right, but not whether thinking is:
+    what fusion's labels tell the adaptive model (a wrong short answer becomes a long example).
+
+    Such a router can only think on a share of each (kind, direct answer right) group, whose
+    problems it cannot tell apart, so each problem it thinks on adds the group's mean change in
+    right answers and tokens. That makes the best routing a linear program; for a price ``lam``
+    on tokens, thinking on the groups of highest ``gain - lam * cost`` first (while positive, and
+    as many as a level's ``think_bounds`` require) solves it exactly, and prices between the ones
+    where that order changes give every vertex of its concave frontier. Between two vertices the
+    frontier is linear (thinking on part of a group); ``best_accuracy`` reads it.
+    """
+    think_bounds = think_bounds or {}
+    _check_bound_levels(choices, think_bounds)
+    groups: dict[tuple[str, int, bool], list[Choice]] = {}
+    for c in choices:
+        groups.setdefault((c.family, c.level, c.direct_correct), []).append(c)
+    keys = list(groups)
+    size = {k: len(g) for k, g in groups.items()}
+    gain = {k: sum(c.routed(True)[0] - c.routed(False)[0] for c in g) / len(g) for k, g in groups.items()}
+    cost = {k: sum(c.routed(True)[1] - c.routed(False)[1] for c in g) / len(g) for k, g in groups.items()}
+    by_level: dict[int, list[tuple[str, int, bool]]] = {}
+    for k in keys:
+        by_level.setdefault(k[1], []).append(k)
+    limits = {}
+    for level, level_keys in by_level.items():
+        limits[level] = _count_bounds(sum(size[k] for k in level_keys), *think_bounds.get(level, (0.0, 1.0)))
+        if limits[level][0] > limits[level][1]:
+            return []
+    base_right = sum(c.routed(False)[0] for c in choices)
+    base_tokens = sum(c.routed(False)[1] for c in choices)
+
+    def solve(lam: float) -> tuple[float, float]:
+        right, tokens = base_right, base_tokens
+        for level, level_keys in by_level.items():
+            low, high = limits[level]
+            taken = 0
+            for k in sorted(level_keys, key=lambda k: (lam * cost[k] - gain[k], cost[k])):  # best first
+                value = gain[k] - lam * cost[k]
+                take = min(size[k], high - taken) if value > 0 else min(size[k], max(low - taken, 0))
+                taken += take
+                right, tokens = right + take * gain[k], tokens + take * cost[k]
+        return right, tokens
+
+    critical = {gain[k] / cost[k] for k in keys if cost[k]}
+    for level_keys in by_level.values():
+        for a, b in itertools.combinations(level_keys, 2):
+            if cost[a] != cost[b]:
+                critical.add((gain[a] - gain[b]) / (cost[a] - cost[b]))
+    prices = sorted(lam for lam in critical if 0 < lam < math.inf)
+    samples = (
+        [prices[0] / 2, *((a + b) / 2 for a, b in itertools.pairwise(prices)), prices[-1] * 2]
+        if prices
+        else [1.0]
+    )
+    n = max(len(choices), 1)
+    frontier: list[tuple[float, float]] = []
+    for right, tokens in sorted((solve(lam) for lam in samples), key=lambda p: (p[1], -p[0])):
+        if not frontier or right / n > frontier[-1][0] + 1e-12:
+            frontier.append((right / n, tokens / n))
+    return frontier
+
+
+def best_accuracy(frontier: Sequence[tuple[float, float]], tokens: float) -> float | None:
+    """Accuracy of a piecewise-linear frontier (``informed_frontier``) at this many mean tokens
+    (None: fewer than its cheapest vertex)."""
+    if not frontier or tokens < frontier[0][1] - 1e-12:
+        return None
+    for (a0, t0), (a1, t1) in itertools.pairwise(frontier):
+        if tokens <= t1:
+            return a0 + (a1 - a0) * (tokens - t0) / (t1 - t0)
+    return frontier[-1][0]
+
+
 def fewest_tokens(frontier: Sequence[tuple[float, float]], accuracy: float) -> float | None:
     """Mean tokens of the first frontier point with at least ``accuracy`` (None: out of reach)."""
     return next((tokens for acc, tokens in frontier if acc >= accuracy - 1e-12), None)
@@ -198,12 +288,17 @@ def describe_bounds(think_bounds: ThinkBounds) -> str:
 
 
 def routing_summary(
-    choices: Sequence[Choice], max_drop: float = 0.03, think_bounds: ThinkBounds | None = None
+    choices: Sequence[Choice],
+    max_drop: float = 0.03,
+    think_bounds: ThinkBounds | None = None,
+    max_token_ratio: float = 0.6,
 ) -> dict[str, Any]:
     """Outcome counts; think mode's accuracy and mean tokens; the fusion rule applied perfectly
     (think exactly where the direct answer is wrong); thinking from each level up
     (``level_rules``); the oracle frontier and its fewest tokens within ``max_drop`` of always
-    thinking, also when held to ``think_bounds``. Token ratios are shares of think mode's."""
+    thinking, also when held to ``think_bounds``; the informed frontier (``informed_frontier``,
+    held to ``think_bounds``) and its best accuracy at ``max_token_ratio`` of think's tokens.
+    Token ratios are shares of think mode's."""
     n = max(len(choices), 1)
     think_accuracy = sum(c.think_correct for c in choices) / n
     think_tokens = max(sum(c.think_tokens for c in choices) / n, 1e-9)
@@ -224,6 +319,10 @@ def routing_summary(
         "oracle_token_ratio": ratio(frontier),
         "max_drop": max_drop,
     }
+    informed = informed_frontier(choices, think_bounds)
+    summary["informed_frontier"] = informed
+    summary["max_token_ratio"] = max_token_ratio
+    summary["informed_accuracy"] = best_accuracy(informed, max_token_ratio * think_tokens)
     if think_bounds:
         bounded = oracle_frontier(choices, think_bounds)
         summary["think_bounds"] = {str(level): list(b) for level, b in think_bounds.items()}
@@ -237,16 +336,22 @@ def _reach(ratio: float | None) -> str:
 
 
 def routing_report(
-    rows: Iterable[dict[str, Any]], max_drop: float = 0.03, think_bounds: ThinkBounds | None = None
+    rows: Iterable[dict[str, Any]],
+    max_drop: float = 0.03,
+    think_bounds: ThinkBounds | None = None,
+    max_token_ratio: float = 0.6,
 ) -> list[str]:
     """Markdown lines of ``routing_summary`` for evaluation rows (``Answer.row()``)."""
-    summary = routing_summary(paired(rows), max_drop, think_bounds)
+    summary = routing_summary(paired(rows), max_drop, think_bounds, max_token_ratio)
     counts, fusion = summary["counts"], summary["fusion_rule"]
     bounded = (
-        [f"- the same, {describe_bounds(think_bounds)}: {_reach(summary['bounded_oracle_token_ratio'])}."]
+        [f"- the same, {describe_bounds(think_bounds)}: {_reach(summary['bounded_oracle_token_ratio'])};"]
         if think_bounds
         else []
     )
+    informed = summary["informed_accuracy"]
+    gap = None if informed is None else (informed - summary["think_accuracy"]) * 100
+    reach = "out of reach" if informed is None else f"{informed * 100:.1f}% ({gap:+.1f} points against think)"
     return [
         "When to think (`turbos.post.routing`; `python benchmarks/routing.py --run <demo folder>` adds",
         "the model's own skip probability as a router and plots it):",
@@ -261,8 +366,12 @@ def routing_report(
             for r in summary["level_rules"][1:]
         ],
         f"- best per-problem choice within {max_drop * 100:.0f} points of think: "
-        f"{_reach(summary['oracle_token_ratio'])}{';' if bounded else '.'}",
+        f"{_reach(summary['oracle_token_ratio'])};",
         *bounded,
+        "- best accuracy at "
+        f"{max_token_ratio * 100:.0f}% of think's tokens knowing each problem's family, level and "
+        "whether its direct answer is right, but not whether thinking is (what fusion's labels carry)"
+        f"{', ' + describe_bounds(think_bounds) if think_bounds else ''}: {reach}.",
         "",
     ]
 
