@@ -157,52 +157,28 @@ def main() -> None:
 
 def plot(payload: dict, path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     think = payload["think"]
     ax.axvspan(0, MAX_TOKEN_RATIO * 100, color="tab:green", alpha=0.06)
     ax.axhline((think["accuracy"] - MAX_DROP) * 100, color="tab:green", lw=0.8, ls=":")
     ax.text(2, (think["accuracy"] - MAX_DROP) * 100 + 1, "target: within 3 points, <= 60% tokens", fontsize=8)
-    frontier = payload["oracle_frontier"]
-    ax.plot(
-        [p["token_ratio"] * 100 for p in frontier],
-        [p["accuracy"] * 100 for p in frontier],
-        color="tab:gray",
-        label="oracle router (best possible)",
+    curves = (  # (payload key, format, colour, label)
+        ("oracle_frontier", "-", "tab:gray", "oracle router (best possible)"),
+        (
+            "bounded_oracle_frontier",
+            "--",
+            "tab:olive",
+            "oracle, thinking on >= 80% of hardest, <= 20% of easiest",
+        ),
+        ("informed_frontier", "-.", "tab:cyan", "knows where the direct answer fails (same thinking rates)"),
+        ("thresholds", "o--", "tab:purple", "think unless p(skip) >= tau"),
+        ("level_rules", "x:", "tab:brown", "think on level >= k (k = 1 at right)"),
     )
-    bounded = payload["bounded_oracle_frontier"]
-    if bounded:
-        ax.plot(
-            [p["token_ratio"] * 100 for p in bounded],
-            [p["accuracy"] * 100 for p in bounded],
-            color="tab:olive",
-            ls="--",
-            label="oracle, thinking on >= 80% of hardest, <= 20% of easiest",
-        )
-    informed = payload["informed_frontier"]
-    ax.plot(
-        [p["token_ratio"] * 100 for p in informed],
-        [p["accuracy"] * 100 for p in informed],
-        color="tab:cyan",
-        ls="-.",
-        label="knows where the direct answer fails (same thinking rates)",
-    )
-    thresholds = list(payload["thresholds"].values())
-    ax.plot(
-        [p["token_ratio"] * 100 for p in thresholds],
-        [p["accuracy"] * 100 for p in thresholds],
-        "o--",
-        ms=3,
-        color="tab:purple",
-        label="think unless p(skip) >= tau",
-    )
-    rules = payload["level_rules"]
-    ax.plot(
-        [r["token_ratio"] * 100 for r in rules],
-        [r["accuracy"] * 100 for r in rules],
-        "x:",
-        color="tab:brown",
-        label="think on level >= k (k = 1 at right)",
-    )
+    for key, fmt, color, label in curves:
+        points = payload[key].values() if isinstance(payload[key], dict) else payload[key]
+        if points:
+            xs, ys = zip(*((p["token_ratio"] * 100, p["accuracy"] * 100) for p in points), strict=True)
+            ax.plot(xs, ys, fmt, ms=3, color=color, label=label)
     for name, marker in (("no_think", "s"), ("think", "^"), ("auto", "o"), ("fusion_rule", "D")):
         p = payload[name]
         ax.scatter(p["token_ratio"] * 100, p["accuracy"] * 100, s=80, marker=marker, zorder=3, label=name)
@@ -210,7 +186,7 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("When to think: auto vs the best per-problem choice")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
 
 
