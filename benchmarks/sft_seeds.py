@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -75,13 +76,13 @@ def seed_result(run: Path, settings: DemoSettings, seed: int, progress: bool) ->
 
 def informed_minus_think(answers: Path) -> float:
     """Best accuracy of the informed router (held to the thinking-rate target) at 60% of think's
-    tokens, minus think's accuracy (-1 if that many tokens are out of its reach)."""
+    tokens, minus think's accuracy (nan if that many tokens are out of its reach)."""
     choices = paired(json.loads(line) for line in answers.read_text().splitlines())
     summary = routing_summary(
         choices, MAX_DROP, target_think_bounds(c.level for c in choices), MAX_TOKEN_RATIO
     )
     informed = summary["informed_accuracy"]
-    return -1.0 if informed is None else informed - summary["think_accuracy"]
+    return math.nan if informed is None else informed - summary["think_accuracy"]
 
 
 def values(targets: dict) -> dict[str, float]:

@@ -10,6 +10,8 @@ problems and <= 20% of the easiest").
 
 Comparing auto with the oracle (and with thresholds on the model's own probability of skipping)
 tells whether a missed token target comes from what the model can answer or from when it thinks.
+The *informed* frontier (``informed_frontier``) sits between the two: the best router that knows
+where the direct answer fails, as fusion's labels say, but not where thinking does.
 """
 
 from __future__ import annotations
