@@ -208,13 +208,18 @@ def informed_frontier(
     """
     think_bounds = think_bounds or {}
     _check_bound_levels(choices, think_bounds)
-    groups: dict[tuple[str, int, bool], list[Choice]] = {}
+    groups: dict[tuple[str, int, bool], list[tuple[int, int]]] = {}  # (right, tokens) gained by thinking
+    base_right = base_tokens = 0
     for c in choices:
-        groups.setdefault((c.family, c.level, c.direct_correct), []).append(c)
+        (direct_ok, direct_tokens), (think_ok, think_tokens) = c.routed(False), c.routed(True)
+        base_right, base_tokens = base_right + direct_ok, base_tokens + direct_tokens
+        groups.setdefault((c.family, c.level, c.direct_correct), []).append(
+            (think_ok - direct_ok, think_tokens - direct_tokens)
+        )
     keys = list(groups)
     size = {k: len(g) for k, g in groups.items()}
-    gain = {k: sum(c.routed(True)[0] - c.routed(False)[0] for c in g) / len(g) for k, g in groups.items()}
-    cost = {k: sum(c.routed(True)[1] - c.routed(False)[1] for c in g) / len(g) for k, g in groups.items()}
+    gain = {k: sum(right for right, _ in g) / len(g) for k, g in groups.items()}
+    cost = {k: sum(tokens for _, tokens in g) / len(g) for k, g in groups.items()}
     by_level: dict[int, list[tuple[str, int, bool]]] = {}
     for k in keys:
         by_level.setdefault(k[1], []).append(k)
@@ -223,8 +228,6 @@ def informed_frontier(
         limits[level] = _count_bounds(sum(size[k] for k in level_keys), *think_bounds.get(level, (0.0, 1.0)))
         if limits[level][0] > limits[level][1]:
             return []
-    base_right = sum(c.routed(False)[0] for c in choices)
-    base_tokens = sum(c.routed(False)[1] for c in choices)
 
     def solve(lam: float) -> tuple[float, float]:
         right, tokens = base_right, base_tokens
