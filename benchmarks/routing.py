@@ -8,7 +8,7 @@ auto) and its adaptive model, then compares, as (accuracy, tokens as a share of 
 - thresholds on the model's probability of skipping thought: think unless p(</think>) >= tau;
 - the fusion rule applied perfectly: think exactly where the direct answer is wrong;
 - difficulty rules: think exactly on the problems of level >= k;
-- the oracle frontier (``turbos.post.routing``): per problem the cheaper answer, then the
+- the oracle frontier (``routing_analysis``): per problem the cheaper answer, then the
   cheapest switches to the right one; no router of these two answers does better;
 - the same oracle held to the thinking-rate target (>= 80% of the hardest level, <= 20% of the
   easiest), so that it could meet all three targets at once;
@@ -19,7 +19,7 @@ auto) and its adaptive model, then compares, as (accuracy, tokens as a share of 
     python benchmarks/routing.py [--run runs/demo] [--name routing]
 
 Writes benchmarks/results/<name>.json and <name>.png (the frontier, the thresholds, the modes and
-the issue's target region: within 3 points of think at <= 60% of its tokens).
+the demo's target region: within 3 points of think at <= 60% of its tokens).
 """
 
 from __future__ import annotations
@@ -29,17 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, demo_answers, write_json  # noqa: E402
+from routing_analysis import (  # noqa: E402
+    describe_bounds,
+    frontier_summary,
+    skip_probabilities,
+    target_think_bounds,
+)
 from turbos.data.tokenizer import load_tokenizer  # noqa: E402
 from turbos.model import TurboSForCausalLM  # noqa: E402
-from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO, target_think_bounds  # noqa: E402
-from turbos.post.routing import (  # noqa: E402
-    describe_bounds,
-    outcome_counts,
-    paired,
-    routed,
-    routing_summary,
-    skip_probabilities,
-)
+from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO  # noqa: E402
+from turbos.post.routing import outcome_counts, paired, routed  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 TAUS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -52,7 +51,7 @@ def main() -> None:
     auto_rows = {r["uid"]: r for r in rows if r["mode"] == "auto"}
     n = len(choices)
     bounds = target_think_bounds(c.level for c in choices)
-    summary = routing_summary(choices, MAX_DROP, bounds, MAX_TOKEN_RATIO)
+    summary = frontier_summary(choices, MAX_DROP, bounds, MAX_TOKEN_RATIO)
     think_tokens, think_accuracy = summary["think_tokens"], summary["think_accuracy"]
 
     model_dir = run / "sft-adaptive" / "model"

@@ -3,9 +3,9 @@
 Takes a finished `turbos demo` run and retrains only its adaptive SFT (stage 4) with other seeds:
 the same pre-trained model, fused data, recipe and steps; only the seed, which draws the batches,
 changes. Each seed's model is evaluated as stage 5 does (same held-out problems, greedy) and
-checked against the issue's three targets, and, from its answers, the best accuracy a router
+checked against the demo's three targets, and, from its answers, the best accuracy a router
 that knows where the direct answer fails (what fusion's labels carry) could reach at 60% of
-think's tokens (``turbos.post.routing.informed_frontier``). The demo's own seed is read from its
+think's tokens (``routing_analysis.informed_frontier``). The demo's own seed is read from its
 stage 5 instead of being trained again.
 
     python benchmarks/sft_seeds.py [--run runs/demo] [--seeds 0 1 2] [--name sft_seeds]
@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
+from routing_analysis import frontier_summary, target_think_bounds  # noqa: E402
 from turbos.post.demo import (  # noqa: E402
     MAX_DROP,
     MAX_TOKEN_RATIO,
@@ -34,11 +35,10 @@ from turbos.post.demo import (  # noqa: E402
     adaptive_sft_recipe,
     check_targets,
     evaluate_adaptive,
-    target_think_bounds,
 )
-from turbos.post.routing import paired, routing_summary  # noqa: E402
-from turbos.post.sft import recipe_state, run_sft  # noqa: E402
-from turbos.train.checkpoint import latest_checkpoint  # noqa: E402
+from turbos.post.routing import paired  # noqa: E402
+from turbos.post.sft import RESUMABLE_CHANGES, run_sft  # noqa: E402
+from turbos.train.checkpoint import latest_checkpoint, recipe_state  # noqa: E402
 from turbos.train.plots import pyplot, save_figure  # noqa: E402
 
 COLUMNS = (  # (key in the targets' values, header, scale)
@@ -62,7 +62,7 @@ def seed_result(run: Path, settings: DemoSettings, seed: int, progress: bool) ->
     folder = run / "sft-seeds" / f"seed-{seed}"
     recipe = replace(adaptive_sft_recipe(settings, run), seed=seed, output_dir=str(folder))
     saved = folder / "eval.json"
-    key = recipe_state(recipe)
+    key = recipe_state(asdict(recipe), RESUMABLE_CHANGES)
     if saved.is_file() and (done := json.loads(saved.read_text())).get("recipe") == key:
         print(f"seed {seed}: reusing {folder}")
         return done["results"], folder / "answers.jsonl"
@@ -78,7 +78,7 @@ def informed_minus_think(answers: Path) -> float:
     """Best accuracy of the informed router (held to the thinking-rate target) at 60% of think's
     tokens, minus think's accuracy (nan if that many tokens are out of its reach)."""
     choices = paired(json.loads(line) for line in answers.read_text().splitlines())
-    summary = routing_summary(
+    summary = frontier_summary(
         choices, MAX_DROP, target_think_bounds(c.level for c in choices), MAX_TOKEN_RATIO
     )
     informed = summary["informed_accuracy"]

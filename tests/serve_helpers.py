@@ -23,6 +23,8 @@ from turbos.model import HybridCache, TurboSForCausalLM
 from turbos.serve import LLMEngine
 from turbos.serve.async_engine import AsyncLLMEngine
 from turbos.serve.chat_template import save_chat_template
+from turbos.serve.config import ServerConfig
+from turbos.serve.http_protocol import uvicorn_options
 from turbos.serve.server import create_app
 
 
@@ -61,15 +63,17 @@ def greedy_alone(model: TurboSForCausalLM, prompt_ids: list[int], num_tokens: in
 
 @contextmanager
 def running_server(
-    engine: LLMEngine, model_name: str = "tiny", **app_kwargs
+    engine: LLMEngine, model_name: str = "tiny", **settings
 ) -> Iterator[tuple[str, AsyncLLMEngine]]:
-    """`turbos serve`'s app on 127.0.0.1 and a free port, in a thread; yields (base URL, engine)."""
+    """`turbos serve`'s app and uvicorn settings on 127.0.0.1 and a free port, in a thread;
+    ``settings`` are ServerConfig fields. Yields (base URL, engine)."""
+    config = ServerConfig(**{"log_level": "warning", **settings})
     async_engine = AsyncLLMEngine(engine)
-    app = create_app(async_engine, model_name, **app_kwargs)
+    app = create_app(async_engine, model_name, config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

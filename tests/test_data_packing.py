@@ -7,13 +7,14 @@ import torch
 
 from turbos.data.packing import (
     StreamingPackedDataset,
-    build_packed_datasets,
     document_split,
+    eos_seq_idx,
+    first_fit_decreasing,
     pack_rows,
-    pack_stream,
     tokenize_documents,
 )
 from turbos.data.tokenizer import EOS_ID, train_tokenizer
+from turbos.model.context import packed_position_ids
 
 SEQ_LEN = 16
 DOCUMENTS = [f"document {i}: " + "lorem ipsum dolor sit amet " * (i % 7 + 1) for i in range(300)]
@@ -69,40 +70,11 @@ def test_documents_are_separated_by_eos_inside_rows(tokenizer):
     assert sum(row[:-1].count(EOS_ID) for row in rows) >= len(DOCUMENTS) - 1
 
 
-def test_tensor_packing_gives_the_same_rows_as_streaming_packing(tokenizer):
-    stream = torch.tensor(stream_of(DOCUMENTS, tokenizer))
-    rows = rows_of(DOCUMENTS, tokenizer)
-    assert torch.equal(pack_stream(stream, SEQ_LEN), torch.tensor(rows))
-    assert pack_stream(stream[:SEQ_LEN], SEQ_LEN).shape == (0, SEQ_LEN + 1)
-
-
 def test_document_split_is_stable_and_about_the_requested_fraction():
     splits = [document_split(d, 0.2) for d in DOCUMENTS]
     assert splits == [document_split(d, 0.2) for d in DOCUMENTS]
     assert 0.1 < splits.count("val") / len(splits) < 0.3, "300 documents at 20% should give 10-30% val"
     assert {document_split(d, 0.0) for d in DOCUMENTS} == {"train"}
-
-
-def test_packed_datasets_split_by_document_without_overlap(tokenizer):
-    train, val = build_packed_datasets(DOCUMENTS, tokenizer, SEQ_LEN, val_fraction=0.2, seed=0)
-    assert train[0].dtype == torch.long and train.rows.shape[1] == SEQ_LEN + 1 == val.seq_len + 1
-    val_numbers = {i for i, d in enumerate(DOCUMENTS) if document_split(d, 0.2) == "val"}
-    assert set(document_numbers(val.rows, tokenizer)) <= val_numbers
-    assert not set(document_numbers(train.rows, tokenizer)) & val_numbers
-
-
-def test_packed_datasets_shuffle_documents_by_seed(tokenizer):
-    first, _ = build_packed_datasets(DOCUMENTS, tokenizer, SEQ_LEN, seed=0)
-    again, _ = build_packed_datasets(DOCUMENTS, tokenizer, SEQ_LEN, seed=0)
-    other, _ = build_packed_datasets(DOCUMENTS, tokenizer, SEQ_LEN, seed=1)
-    assert torch.equal(first.rows, again.rows) and not torch.equal(first.rows, other.rows)
-    order = document_numbers(first.rows, tokenizer)
-    assert order != sorted(order) and len(order) >= len(DOCUMENTS) * 0.9, "documents shuffled, all there"
-
-
-def test_a_corpus_too_small_for_one_row_is_a_clear_error(tokenizer):
-    with pytest.raises(ValueError, match="too few for one row"):
-        build_packed_datasets(["tiny"], tokenizer, SEQ_LEN, val_fraction=0.0)
 
 
 def streaming(tokenizer, **overrides):
@@ -170,3 +142,23 @@ def test_a_repeating_stream_of_a_mixture_reads_every_source_through(tokenizer):
     finite = StreamingPackedDataset(mixture, tokenizer, SEQ_LEN, shuffle_buffer=0, repeat=False)
     once = [row.tolist() for row in finite]
     assert [row.tolist() for row in rows[: len(once) - 1]] == once[:-1], "the first pass is unchanged"
+
+
+def test_reset_at_eos_numbers_each_rows_documents_and_restarts_their_positions(tokenizer):
+    rows = torch.stack(list(itertools.islice(streaming(tokenizer), 8)))
+    inputs = rows[:, :-1]
+    seq_idx = eos_seq_idx(inputs, EOS_ID)
+    positions = packed_position_ids(seq_idx)
+    for row, documents, position in zip(inputs.tolist(), seq_idx.tolist(), positions.tolist(), strict=True):
+        document, at = 0, 0  # a row's first token continues the document it was cut from
+        for t, token in enumerate(row):
+            assert (documents[t], position[t]) == (document, at), f"token {t} of {row}"
+            document, at = (document + 1, 0) if token == EOS_ID else (document, at + 1)
+    assert int(seq_idx.max()) > 0, "rows hold several documents"
+
+
+def test_first_fit_decreasing_places_the_longest_first_into_the_first_row_with_room():
+    assert first_fit_decreasing([5, 3, 4, 2, 8, 1], 8) == [[4], [0, 1], [2, 3, 5]]
+    assert first_fit_decreasing([2, 2, 2], 8) == [[0, 1, 2]], "ties keep their order"
+    with pytest.raises(ValueError, match="a sequence of 9 tokens does not fit in a row of 8"):
+        first_fit_decreasing([3, 9], 8)

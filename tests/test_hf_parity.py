@@ -2,7 +2,7 @@
 
 Mamba2 mixer vs NemotronHMamba2Mixer (its PyTorch path); attention (GQA, QK-norm, NTK-alpha RoPE)
 vs HunYuanMoEV1Attention; MoE (shared + softmax top-k, no capacity) vs HunYuanMoEV1Moe.
-Tolerance 1e-5 max abs in fp32 (DESIGN.md: single-layer parity).
+Tolerance 1e-5 max abs in fp32 (docs/design.md: single-layer parity).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from turbos.config import TurboSConfig
 from turbos.model.attention import Attention
 from turbos.model.cache import MambaCache
+from turbos.model.context import LayerContext
 from turbos.model.mamba2 import Mamba2Mixer
 from turbos.model.moe import MoE
 from turbos.model.rope import RotaryEmbedding
@@ -92,9 +93,9 @@ def test_mamba2_decode_steps_match_nemotron_h() -> None:
     hf_cache = DynamicCache(config=ref.config)
     cache = MambaCache(torch.zeros(2, ours.conv_kernel - 1, ours.conv_dim), torch.zeros(2, 4, 16, 8))
     with torch.no_grad():
-        outs = [(ours(x[:, :11], cache), ref(x[:, :11], cache_params=hf_cache))]
+        outs = [(ours(x[:, :11], cache=cache), ref(x[:, :11], cache_params=hf_cache))]
         for t in range(11, 17):
-            outs.append((ours(x[:, t : t + 1], cache), ref(x[:, t : t + 1], cache_params=hf_cache)))
+            outs.append((ours(x[:, t : t + 1], cache=cache), ref(x[:, t : t + 1], cache_params=hf_cache)))
     for step, (a, b) in enumerate(outs):
         diff = (a - b).abs().max().item()
         assert diff <= TOL, f"step {step}: max |ours - NemotronH| = {diff:.2e}"
@@ -141,7 +142,7 @@ def test_attention_matches_hunyuan(alpha: float) -> None:
     positions = torch.arange(100, 100 + T).expand(2, T)  # far positions make RoPE differences show
     with torch.no_grad():
         expected, _ = ref(x, rope_ref(x, positions), None)
-        got = ours(x, rope(positions, x.dtype))
+        got = ours(x, LayerContext(rotary=rope(positions, x.dtype)))
     diff = (got - expected).abs().max().item()
     assert diff <= TOL, f"max |ours - HunYuanMoEV1Attention| = {diff:.2e}"
 

@@ -6,13 +6,20 @@ import pytest
 import torch
 
 from conftest import small_config
-from turbos.model.moe import MoE, RoutedExperts, recycle_overflow_tokens
+from turbos.model.moe import MoE, RoutedExperts, apply_experts, recycle_overflow_tokens
 from turbos.model.quant import Int8RoutedExperts
 
 
 def check_invariants(
-    before: torch.Tensor, after: torch.Tensor, capacity: int, experts: int, recycled, dropped
-):
+    before: torch.Tensor,
+    after: torch.Tensor,
+    capacity: int,
+    experts: int,
+    recycled: torch.Tensor,
+    dropped: torch.Tensor,
+) -> torch.Tensor:
+    """The recycle-routing rules on one outcome; returns the load per expert."""
+    recycled, dropped = int(recycled), int(dropped)
     load = torch.bincount(after[after >= 0], minlength=experts)
     assert (load <= capacity).all(), f"capacity {capacity} exceeded: {load.tolist()}"
     changed = (before != after) & (before >= 0)
@@ -25,6 +32,9 @@ def check_invariants(
     for row in after:  # a token never takes the same expert twice
         chosen = row[row >= 0]
         assert len(chosen.unique()) == len(chosen)
+    for token in torch.nonzero(((after < 0) & (before >= 0)).any(1)).flatten().tolist():
+        room = [e for e in range(experts) if load[e] < capacity and e not in after[token].tolist()]
+        assert not room, f"token {token} dropped an assignment while experts {room} had room for it"
     return load
 
 
@@ -116,10 +126,10 @@ def test_single_token_decode_path_matches_grouped_experts(idx: list[int]) -> Non
     torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
     torch.nn.init.normal_(experts.down_proj, std=0.2)
     x, expert_idx, weights = torch.randn(1, 16), torch.tensor([idx]), torch.tensor([[0.7, 0.3]])
-    grouped = experts(x, expert_idx, weights)  # grad enabled: the general (grouped) path
+    grouped = apply_experts(experts, x, expert_idx, weights)  # grad enabled: dispatch -> experts -> combine
     with torch.no_grad():
-        single = experts(x, expert_idx, weights)  # the batch-1 decode loop over k experts
-        batched = experts(x.repeat(3, 1), expert_idx.repeat(3, 1), weights.repeat(3, 1))
+        single = apply_experts(experts, x, expert_idx, weights)  # the batch-1 decode loop over k experts
+        batched = apply_experts(experts, x.repeat(3, 1), expert_idx.repeat(3, 1), weights.repeat(3, 1))
     torch.testing.assert_close(single, grouped.detach())
     torch.testing.assert_close(batched, grouped.detach().repeat(3, 1))
     assert single.abs().sum() > 0
@@ -138,7 +148,7 @@ def test_gathered_experts_match_grouped_experts(quantized: bool) -> None:
     expert_idx = torch.tensor([[2, 0], [3, -1], [1, 2], [0, 0], [3, 1]])
     weights = torch.rand(5, 2)
     with torch.no_grad():
-        grouped = experts(x, expert_idx, weights)
+        grouped = apply_experts(experts, x, expert_idx, weights)
         for path in (experts.gathered, experts.dense):
             torch.testing.assert_close(path(x, expert_idx, weights), grouped)
             moved = path(x, expert_idx.roll(1, dims=1), weights)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from serve_helpers import running_server, save_model_dir
 from turbos.cli import build_parser, main
-from turbos.data.tasks import generate_problems
-from turbos.post.cot_fusion import EndpointTeacher, ModelTeacher, fuse_example
+from turbos.data.tasks import generate_problems, verify
+from turbos.post.cot_fusion import EndpointTeacher, ModelTeacher, fuse_example, strip_answer_lines
 from turbos.post.demo import DemoSettings, adaptive_sft_recipe, check_targets, run_demo
 from turbos.post.evaluate import Answer, format_table, read_problems, summarize
 from turbos.post.sft import SFTRecipe, run_sft
@@ -28,21 +28,24 @@ def test_endpoint_teacher_talks_to_turbos_serve_on_loopback(tmp_path) -> None:
         teacher = EndpointTeacher(f"{url}/v1", "teacher", max_tokens=24)
         teacher.probe(problem)  # one token: the server is there and knows the model
         reply = teacher.continue_reasoning(problem, ["Answer: 7"])
-        rounds = []
+        seen: list[list[str]] = []
 
-        class Counting:
+        class Recording:
             def continue_reasoning(self, p, attempts):
-                rounds.append(len(attempts))
+                seen.append(list(attempts))
                 return teacher.continue_reasoning(p, attempts)
 
-        example = fuse_example(problem, "Answer: 7", Counting(), max_rounds=2)
+        example = fuse_example(problem, "Answer: 7", Recording(), max_rounds=2)
     # The same teacher in-process (auto mode, as the request named none): greedy, so the server
     # must have returned exactly this.
     local = ModelTeacher(LLMEngine.from_pretrained(model_dir, seed=0), thinking="auto", max_tokens=24)
     assert reply == local.continue_reasoning(problem, ["Answer: 7"])
     assert "<think>" not in reply and "</think>" not in reply
-    assert rounds in ([1, 2], [1]), "a wrong continuation is fed back as one more attempt"
-    assert example is None or example.thought
+    # A random tiny teacher never reaches the answer, so both rounds fail: the first round's
+    # continuation (the same greedy reply) is fed back as one more attempt, then the problem is dropped.
+    assert not verify(problem, reply), "the random teacher's reply is wrong"
+    assert seen == [["Answer: 7"], ["Answer: 7", strip_answer_lines(reply)]], "wrong continuation fed back"
+    assert example is None, "no round verified: fusion drops the problem"
 
 
 def answer(level: int, mode: str, correct: bool, tokens: int, thought: bool) -> Answer:
@@ -119,7 +122,8 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
         assert (out / name).is_file(), name
     assert DemoSettings.load(out / "settings.json") == DemoSettings.quick()
     report = (out / "report.md").read_text()
-    assert "By family and level" in report and "best per-problem choice" in report
+    assert "By family and level" in report
+    assert "- thinking exactly where the direct answer is wrong: " in report, "the routing summary"
     results = outcome["eval"]["results"]
     assert set(results) == {"no_think", "think", "auto"}
     assert results["think"]["overall"]["think_rate"] == 1.0, "think mode always thinks"
@@ -161,26 +165,27 @@ def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> No
     changed = DemoSettings().with_overrides(["adaptive_loss=token", "adaptive_steps=800", "levels=[1, 2]"])
     assert (changed.adaptive_loss, changed.adaptive_steps, changed.levels) == ("token", 800, (1, 2))
     assert DemoSettings().with_overrides(["sft_lr=1"]).sft_lr == 1.0
+    assert DemoSettings().with_overrides(["levels.0=2"]).levels == (2, 2, 3, 4), "list items by index"
     for bad, message in (
-        ("adaptive_stepz=3", "unknown demo setting 'adaptive_stepz'"),
-        ("adaptive_steps=many", "adaptive_steps must be int"),
-        ("levels=[1, two]", "levels must be a list of int"),
-        ("adaptive_loss", "must look like key=value"),
-        ("adaptive_loss=mean", "adaptive_loss must be"),
-        ("families=[add, sort]", "unknown task family 'sort'"),
-        ("levels=[]", "must not be empty"),
-        ("adaptive_steps=0", "adaptive_steps must be at least 1"),
-        ("eval_per_level=0", "eval_per_level must be at least 1"),
-        ("max_tokens=0", "max_tokens must be at least 1"),
-        ("short_problems=0", "short_problems must be at least 1"),
-        ("fusion_samples=-1", "fusion_samples must be at least 0"),
-        ("general_chats=-1", "general_chats must be at least 0"),
-        ("fusion_temperature=-0.5", "fusion_temperature must be finite and >= 0"),
-        ("fusion_temperature=.inf", "fusion_temperature must be finite and >= 0"),
-        ("sft_lr=0", "sft_lr must be finite and > 0"),
-        ("sft_lr=.nan", "sft_lr must be finite and > 0"),
-        ("sft_lr=fast", "sft_lr must be float"),
-        ("fusion_check_share=.nan", "fusion_check_share must be in"),
+        ("adaptive_stepz=3", r"unknown key 'adaptive_stepz'; valid keys: \['families'"),
+        ("adaptive_steps=many", r"adaptive_steps: expected int, got 'many'"),
+        ("levels=[1, two]", r"levels\[1\]: expected int, got 'two'"),
+        ("adaptive_loss", r"must look like key=value"),
+        ("adaptive_loss=mean", r"adaptive_loss: expected one of \['token', 'sequence'\], got 'mean'"),
+        ("families=[add, sort]", r"unknown task family 'sort'"),
+        ("levels=[]", r"levels must not be empty"),
+        ("adaptive_steps=0", r"adaptive_steps must be >= 1, got 0"),
+        ("eval_per_level=0", r"eval_per_level must be >= 1, got 0"),
+        ("max_tokens=0", r"max_tokens must be >= 1, got 0"),
+        ("short_problems=0", r"short_problems must be >= 1, got 0"),
+        ("fusion_samples=-1", r"fusion_samples must be >= 0, got -1"),
+        ("general_chats=-1", r"general_chats must be >= 0, got -1"),
+        ("fusion_temperature=-0.5", r"fusion_temperature must be >= 0, got -0\.5"),
+        ("fusion_temperature=.inf", r"fusion_temperature: expected a finite float, got inf"),
+        ("sft_lr=0", r"sft_lr must be > 0, got 0\.0"),
+        ("sft_lr=.nan", r"sft_lr: expected a finite float, got nan"),
+        ("sft_lr=fast", r"sft_lr: expected float, got 'fast'"),
+        ("fusion_check_share=.nan", r"fusion_check_share: expected a finite float, got nan"),
     ):
         with pytest.raises(ValueError, match=message):
             DemoSettings().with_overrides([bad])
@@ -191,9 +196,9 @@ def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> No
     assert main(["demo", "--quick", "--out", str(out), "--check-share", "2", "--no-progress"]) != 0
     assert "fusion_check_share must be in [0, 1]" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(out), "short_steps=-", "--no-progress"]) != 0
-    assert "short_steps must be int" in capsys.readouterr().err
+    assert "short_steps: expected int" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(out), "eval_per_level=0", "--no-progress"]) != 0
-    assert "eval_per_level must be at least 1" in capsys.readouterr().err
+    assert "eval_per_level must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists(), "nothing ran"
 
 

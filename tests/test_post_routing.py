@@ -1,218 +1,100 @@
-"""Routing analysis: the oracle frontier is the true optimum, auto's replay, and the skip probability."""
+"""The routing summary of `turbos eval` and the demo report: answers paired per problem, routings
+scored exactly, auto's extra tokens as the tokenizer encodes them."""
 
 from __future__ import annotations
 
-import itertools
-import math
-import random
-from dataclasses import replace
-
 import pytest
-import torch
 
-from serve_helpers import save_model_dir, tiny_model, tiny_tokenizer
+from serve_helpers import save_model_dir
 from turbos.cli import main
-from turbos.data.tokenizer import END_THINK_TOKEN
+from turbos.data.tokenizer import END_THINK_TOKEN, THINK_TOKEN
 from turbos.post.routing import (
     AUTO_DIRECT_EXTRA,
     AUTO_THINK_EXTRA,
-    Choice,
-    best_accuracy,
-    fewest_tokens,
-    informed_frontier,
-    oracle_frontier,
     outcome_counts,
     paired,
     routed,
+    routing_report,
     routing_summary,
-    skip_probabilities,
 )
-from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.chat_template import prepare_chat
 
-
-def random_choices(n: int, rng: random.Random, levels: int = 1) -> list[Choice]:
-    return [
-        Choice(
-            f"p{i}",
-            rng.randint(1, levels),
-            f"q{i}",
-            rng.random() < 0.4,
-            rng.randint(3, 12),
-            rng.random() < 0.6,
-            rng.randint(2, 120),
-        )
-        for i in range(n)
-    ]
-
-
-def test_oracle_frontier_is_the_fewest_tokens_at_each_accuracy() -> None:
-    rng = random.Random(0)
-    for _ in range(30):
-        choices = random_choices(8, rng)
-        best: dict[float, float] = {}  # accuracy -> fewest mean tokens, over all 2^8 routings
-        for think in itertools.product((False, True), repeat=len(choices)):
-            accuracy, tokens = routed(choices, think)
-            best[accuracy] = min(best.get(accuracy, math.inf), tokens)
-        frontier = oracle_frontier(choices)
-        for accuracy in best:
-            fewest = min(t for a, t in best.items() if a >= accuracy - 1e-12)
-            assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest), (accuracy, choices)
-        assert fewest_tokens(frontier, max(best) + 0.01) is None, "no routing beats every right answer"
+ROWS = [
+    {"uid": "a", "level": 1, "question": "1+1", "mode": "no_think", "correct": True, "tokens": 5},
+    {"uid": "a", "level": 1, "question": "1+1", "mode": "think", "correct": False, "tokens": 50},
+    {"uid": "b", "level": 4, "question": "9*9", "mode": "no_think", "correct": False, "tokens": 6},
+    {
+        "uid": "b",
+        "level": 4,
+        "question": "9*9",
+        "mode": "think",
+        "correct": True,
+        "tokens": 90,
+        "family": "expr",
+    },
+    {"uid": "b", "level": 4, "question": "9*9", "mode": "auto", "correct": True, "tokens": 91},
+]
 
 
-def within_bounds(choices: list[Choice], think: tuple[bool, ...], bounds: dict) -> bool:
-    for level, (lo, hi) in bounds.items():
-        picks = [t for c, t in zip(choices, think, strict=True) if c.level == level]
-        if not lo - 1e-9 <= sum(picks) / len(picks) <= hi + 1e-9:
-            return False
-    return True
+def test_auto_generates_exactly_the_tokens_the_primed_modes_put_in_their_prompts(tokenizer) -> None:
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    ids = {
+        mode: tokenizer.encode(prepare_chat(messages, mode).text).ids
+        for mode in ("auto", "think", "no_think")
+    }
+    auto = ids["auto"]
+    think_id, end_think_id = tokenizer.token_to_id(THINK_TOKEN), tokenizer.token_to_id(END_THINK_TOKEN)
+    assert ids["no_think"] == [*auto, think_id, end_think_id], (
+        "no_think primes <think></think> after auto's prompt"
+    )
+    assert ids["think"] == [*auto, think_id], "think primes <think> after auto's prompt"
+    assert len(ids["no_think"]) - len(auto) == AUTO_DIRECT_EXTRA, (
+        "a direct auto answer also writes <think></think>"
+    )
+    assert len(ids["think"]) - len(auto) == AUTO_THINK_EXTRA, "a thinking auto answer also writes <think>"
 
 
-def test_bounded_oracle_is_the_fewest_tokens_among_routings_within_the_thinking_rates() -> None:
-    rng = random.Random(1)
-    for trial in range(30):
-        choices = random_choices(9, rng, levels=3)
-        levels = sorted({c.level for c in choices})
-        bounds = {levels[-1]: (0.8, 1.0), levels[0]: (0.0, 0.2)} if len(levels) > 1 else {1: (0.5, 1.0)}
-        if trial % 3 == 0:  # the unbounded dynamic program must match the greedy frontier
-            bounds = {levels[0]: (0.0, 1.0)}
-
-        best: dict[float, float] = {}
-        for think in itertools.product((False, True), repeat=len(choices)):
-            if within_bounds(choices, think, bounds):
-                accuracy, tokens = routed(choices, think)
-                best[accuracy] = min(best.get(accuracy, math.inf), tokens)
-        frontier = oracle_frontier(choices, bounds)
-        assert [a for a, _ in frontier] == sorted(a for a, _ in frontier)
-        for accuracy in best:
-            fewest = min(t for a, t in best.items() if a >= accuracy - 1e-12)
-            assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest), (accuracy, bounds, choices)
-        assert fewest_tokens(frontier, max(best) + 0.01) is None
-        if trial % 3 == 0:
-            greedy = oracle_frontier(choices)
-            for accuracy in best:
-                assert fewest_tokens(frontier, accuracy) == pytest.approx(fewest_tokens(greedy, accuracy))
-    choices = random_choices(3, rng)
-    assert oracle_frontier(choices, {1: (0.5, 0.6)}) == [], "no routing thinks on 50-60% of 3 problems"
-    with pytest.raises(ValueError, match=r"levels with no problems: \[7\]"):
-        oracle_frontier(choices, {7: (0.0, 1.0)})
-
-
-def test_informed_frontier_is_the_best_routing_blind_within_each_group() -> None:
-    """Against every routing that thinks on k problems of each (family, level, direct right)
-    group, scored by expectation since the router cannot tell the group's problems apart."""
-    rng = random.Random(2)
-    for trial in range(40):
-        choices = [replace(c, family=rng.choice("ab")) for c in random_choices(10, rng, levels=2)]
-        levels = sorted({c.level for c in choices})
-        bounds = {} if trial % 4 == 0 else {levels[-1]: (0.6, 1.0), levels[0]: (0.0, 0.5)}
-        groups: dict[tuple, list[Choice]] = {}
-        for c in choices:
-            groups.setdefault((c.family, c.level, c.direct_correct), []).append(c)
-        points = []
-        for counts in itertools.product(*(range(len(g) + 1) for g in groups.values())):
-            thinking = dict.fromkeys(levels, 0)
-            for (_, level, _), k in zip(groups, counts, strict=True):
-                thinking[level] += k
-            sizes = {level: sum(c.level == level for c in choices) for level in levels}
-            if any(not lo - 1e-9 <= thinking[lv] / sizes[lv] <= hi + 1e-9 for lv, (lo, hi) in bounds.items()):
-                continue
-            right = tokens = 0.0
-            for g, k in zip(groups.values(), counts, strict=True):
-                for c in g:
-                    for think, share in ((True, k / len(g)), (False, 1 - k / len(g))):
-                        ok, t = c.routed(think)
-                        right, tokens = right + share * ok, tokens + share * t
-            points.append((right / len(choices), tokens / len(choices)))
-        frontier = informed_frontier(choices, bounds)
-        assert points and frontier
-        for accuracy, tokens in frontier:  # every vertex is a routing
-            assert any(abs(accuracy - a) < 1e-9 and abs(tokens - t) < 1e-9 for a, t in points)
-        for accuracy, tokens in points:  # and none is above the frontier
-            best = best_accuracy(frontier, tokens)
-            assert best is not None and best >= accuracy - 1e-9, (accuracy, tokens, frontier)
-    alone = [replace(c, family=str(i)) for i, c in enumerate(random_choices(6, rng))]  # groups of one
-    oracle, informed = oracle_frontier(alone), informed_frontier(alone)
-    for accuracy, tokens in oracle:  # knowing each problem's group is knowing its outcomes
-        assert best_accuracy(informed, tokens) >= accuracy - 1e-9
-    assert best_accuracy(informed, informed[0][1] - 1) is None
-    assert informed_frontier(alone, {1: (0.55, 0.6)}) == [], "no routing thinks on 55-60% of 6 problems"
-
-
-def test_routing_counts_auto_tokens_and_pairs_answers() -> None:
-    rows = [
-        {"uid": "a", "level": 1, "question": "1+1", "mode": "no_think", "correct": True, "tokens": 5},
-        {"uid": "a", "level": 1, "question": "1+1", "mode": "think", "correct": False, "tokens": 50},
-        {"uid": "b", "level": 4, "question": "9*9", "mode": "no_think", "correct": False, "tokens": 6},
-        {
-            "uid": "b",
-            "level": 4,
-            "question": "9*9",
-            "mode": "think",
-            "correct": True,
-            "tokens": 90,
-            "family": "expr",
-        },
-        {"uid": "b", "level": 4, "question": "9*9", "mode": "auto", "correct": True, "tokens": 91},
-    ]
-    choices = paired(rows)
-    assert [c.family for c in choices] == ["", "expr"], "rows written before families were saved"
+def test_answers_pair_per_problem_with_the_family_when_rows_carry_it() -> None:
+    choices = paired(ROWS)
+    assert [(c.uid, c.level, c.family) for c in choices] == [("a", 1, ""), ("b", 4, "expr")]
+    assert [(c.direct_correct, c.direct_tokens, c.think_correct, c.think_tokens) for c in choices] == [
+        (True, 5, False, 50),
+        (False, 6, True, 90),
+    ], "auto's row is not one of the two answers"
     assert outcome_counts(choices) == {"both": 0, "direct_only": 1, "think_only": 1, "neither": 0}
-    assert routed(choices, [False, True]) == (1.0, (5 + AUTO_DIRECT_EXTRA + 90 + AUTO_THINK_EXTRA) / 2)
-    summary = routing_summary(choices, max_drop=0.0)
-    assert summary["think_accuracy"] == 0.5
-    assert summary["oracle_token_ratio"] == pytest.approx((5 + 2 + 6 + 2) / 2 / 70), "direct on both"
-    # informed: a is never worth thinking on; b's group thinks as far as 60% of think's 70 tokens go
-    assert summary["informed_accuracy"] == pytest.approx((1 + (0.6 * 70 * 2 - 15) / (91 - 8)) / 2)
-    every, hard = summary["level_rules"]  # think from level 1 (everywhere) / from level 4 (on b)
-    assert (every["from_level"], every["accuracy"]) == (1, 0.5)
-    assert every["token_ratio"] == pytest.approx((50 + 1 + 90 + 1) / 2 / 70)
-    assert (hard["from_level"], hard["accuracy"]) == (4, 1.0)
-    assert hard["token_ratio"] == pytest.approx((5 + 2 + 90 + 1) / 2 / 70)
-    with pytest.raises(ValueError, match="no think answer"):
-        paired(rows[:1])
+    with pytest.raises(ValueError, match="problem a has no think answer"):
+        paired(ROWS[:1])
+
+
+def test_a_routing_scores_the_branch_it_takes_with_autos_extra_tokens() -> None:
+    choices = paired(ROWS)
+    assert routed(choices, [False, True]) == (1.0, (5 + 2 + 90 + 1) / 2), "direct on a, think on b"
+    assert routed(choices, [True, False]) == (0.0, (50 + 1 + 6 + 2) / 2), "think on a, direct on b"
     with pytest.raises(ValueError, match="1 decisions for 2 problems"):
         routed(choices, [True])
 
 
-@torch.no_grad()
-def test_skip_probability_matches_the_engine_first_token() -> None:
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer.get_vocab_size())
-    end_think = tokenizer.token_to_id(END_THINK_TOKEN)
-    questions = [f"What is {a} + {b}?" for a, b in [(1, 2), (30, 4), (7, 70), (12, 9), (5, 5), (81, 18)]]
-    prompts = [prepare_chat([{"role": "user", "content": q}], "think").text for q in questions]
-    # Give </think> the logit row of the top token plus a direction that separates the prompts'
-    # last hidden states, so that </think> wins after some prompts and loses after the others.
-    hidden: list[torch.Tensor] = []
-    hook = model.lm_head.register_forward_hook(lambda m, args, out: hidden.append(args[0][0, -1]))
-    logits = [model(torch.tensor([tokenizer.encode(t).ids])).logits[0, -1] for t in prompts]
-    hook.remove()
-    states = torch.stack(hidden)
-    top = int(logits[0].argmax())
-    model.lm_head.weight[end_think] = model.lm_head.weight[top] + 10 * (states[0] - states.mean(0))
-
-    p_skip, skips = skip_probabilities(model, tokenizer, questions)
-    engine = LLMEngine(model, tokenizer, max_running=4)
-    results = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, logprobs=20))
-    assert any(skips) and not all(skips), "both branches exercised"
-    for p, skip, result in zip(p_skip, skips, results, strict=True):
-        assert skip == (result.token_ids[0] == end_think)
-        top = dict(result.logprobs[0].top)
-        if end_think in top:
-            assert p == pytest.approx(math.exp(top[end_think]), rel=1e-4)
-        else:
-            assert p <= math.exp(result.logprobs[0].logprob)
+def test_the_summary_scores_thinking_exactly_where_the_direct_answer_is_wrong() -> None:
+    summary = routing_summary(paired(ROWS))
+    assert (summary["think_accuracy"], summary["think_tokens"]) == (0.5, 70.0)
+    assert summary["fusion_rule"] == {
+        "accuracy": 1.0,
+        "token_ratio": pytest.approx((5 + 2 + 90 + 1) / 2 / 70),
+    }
+    lines = routing_report(ROWS)
+    assert "- right in both modes 0, only directly 1, only with thinking 1, in neither 0;" in lines
+    assert (
+        "- thinking exactly where the direct answer is wrong: 100.0% at 70% of think's tokens (think: 50.0%)."
+        in lines
+    )
 
 
-def test_turbos_eval_prints_the_routing_summary(tmp_path, capsys) -> None:
+def test_turbos_eval_prints_the_routing_summary_when_both_modes_ran(tmp_path, capsys) -> None:
     directory = save_model_dir(tmp_path / "model")
     args = ["eval", "--model", str(directory), "--families", "add", "--levels", "1", "2", "--per-level", "2"]
     assert main([*args, "--max-tokens", "4", "--modes", "no_think", "think"]) == 0
     printed = capsys.readouterr().out
-    assert "right in both modes" in printed and "best per-problem choice" in printed
-    assert "- the same, thinking on 80-100% of level 2 and 0-20% of level 1: " in printed
-    assert "- best accuracy at 60% of think's tokens knowing each problem's family" in printed
+    assert "- right in both modes " in printed
+    assert "- thinking exactly where the direct answer is wrong: " in printed
     assert main([*args, "--max-tokens", "4", "--modes", "no_think"]) == 0
-    assert "best per-problem choice" not in capsys.readouterr().out, "needs both modes"
+    assert "right in both modes" not in capsys.readouterr().out, "the summary needs both modes"

@@ -11,22 +11,27 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import small_config
 from serve_helpers import save_model_dir, tiny_tokenizer
 from turbos.cli import main
 from turbos.config import ConfigError
+from turbos.data.tokenizer import PAD_ID
 from turbos.model import TurboSForCausalLM
 from turbos.model.hybrid import IGNORE_INDEX
 from turbos.post.sft import (
+    ChatBatches,
     EncodedData,
     SFTDataset,
     SFTRecipe,
     batch_rows,
+    collate,
     encode_conversation,
     encode_datasets,
     read_conversations,
     row_sampler,
     run_sft,
     sequence_mean_loss,
+    sft_loss_fn,
 )
 
 
@@ -67,18 +72,9 @@ def test_bad_chat_files_fail_with_the_line_number(tmp_path) -> None:
         read_conversations(path)
 
 
-def test_recipe_rejects_unknown_keys_and_bad_values(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="unknown key"):
-        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x"}], "output_dir": "o", "lerning_rate": 1})
-    with pytest.raises(ConfigError, match="weight"):
-        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x", "weight": 0}], "output_dir": "o"})
-    with pytest.raises(ConfigError, match="precision"):
-        SFTRecipe.from_dict({"model": "m", "data": [{"path": "x"}], "output_dir": "o", "precision": "fp16"})
-
-
 def test_datasets_mix_by_weight_not_by_size() -> None:
     data = EncodedData(ids=[[1]] * 100, labels=[[1]] * 100, source=[0] * 90 + [1] * 10, skipped=[0, 0])
-    probs = row_sampler(data, [1.0, 1.0], seed=0)
+    probs = row_sampler(data, [1.0, 1.0])
     assert probs[:90].sum().item() == pytest.approx(0.5) and probs[90:].sum().item() == pytest.approx(0.5)
 
 
@@ -122,6 +118,83 @@ def test_sequence_loss_weighs_every_reply_alike() -> None:
         SFTRecipe.from_dict(
             {"model": "m", "data": [{"path": "x"}], "output_dir": "o", "loss_normalization": "x"}
         )
+
+
+def test_packing_fills_rows_first_fit_decreasing_and_no_conversation_predicts_the_next() -> None:
+    ids = [[1] * 5, [2] * 3, [3] * 4, [4] * 2]
+    batch = collate(ids, ids, pack_len=8)  # every token a label, to see which are masked
+    pad = PAD_ID
+    assert batch.input_ids.tolist() == [[1] * 5 + [2] * 3, [3] * 4 + [4] * 2 + [pad] * 2], (
+        "longest first, each into the first row with room: 5 + 3 and 4 + 2"
+    )
+    assert batch.seq_idx.tolist() == [[0] * 5 + [1] * 3, [0] * 4 + [1] * 4], "padding joins the last"
+    assert batch.attention_mask.tolist() == [[1] * 8, [1] * 6 + [0] * 2]
+    first = IGNORE_INDEX  # each conversation's first token is no target: the one before is another's
+    assert batch.labels.tolist() == [
+        [first, 1, 1, 1, 1, first, 2, 2],
+        [first, 3, 3, 3, first, 4, IGNORE_INDEX, IGNORE_INDEX],
+    ]
+    assert batch.num_tokens == 14
+    unpacked = collate(ids, ids)
+    assert unpacked.seq_idx is None and unpacked.input_ids.shape == (4, 5)
+
+
+def test_packed_batches_have_the_drawn_conversations_in_rows_as_wide_as_the_longest() -> None:
+    lengths = [2, 3, 4, 12] * 5
+    data = EncodedData([[7] * n for n in lengths], [[7] * n for n in lengths], [0] * 20, [0])
+    settings = {
+        "model": "m",
+        "data": [{"path": "x"}],
+        "output_dir": "o",
+        "batch_size": 8,
+        "group_by_length": 1,
+    }
+    packed = next(ChatBatches(data, SFTRecipe.from_dict(settings)))
+    one_per_row = next(ChatBatches(data, SFTRecipe.from_dict({**settings, "packing": False})))
+    assert one_per_row.input_ids.shape[0] == 8 and packed.num_tokens == one_per_row.num_tokens, (
+        "the same conversations"
+    )
+    assert packed.input_ids.shape[1] == one_per_row.input_ids.shape[1], "no row wider than the longest"
+    assert packed.input_ids.shape[0] < 8 and int(packed.seq_idx.max()) > 0
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_a_packed_batch_gives_the_loss_and_gradients_of_one_conversation_per_row(normalization: str) -> None:
+    tok = tiny_tokenizer()
+    chats = [
+        [
+            {"role": "user", "content": f"What is {a} + {3 * a}?" + " Please." * (a % 3)},
+            {
+                "role": "assistant",
+                "content": f"<think>\n{a}+{3 * a}\n</think>\nAnswer: {4 * a}" if a % 2 else "5",
+            },
+        ]
+        for a in range(1, 8)
+    ]
+    ids, labels = zip(*(encode_conversation(m, tok) for m in chats), strict=True)
+    # Experts that never overflow: in train mode capacity and recycling depend on the batch layout.
+    config = small_config(vocab_size=tok.get_vocab_size(), max_position_embeddings=256, capacity_factor=16.0)
+    torch.manual_seed(0)
+    model = TurboSForCausalLM(config).train()
+    loss_fn = sft_loss_fn(per_sequence=normalization == "sequence")
+
+    def loss_and_gradients(batch):
+        model.zero_grad(set_to_none=True)
+        loss, metrics = loss_fn(model, batch)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), float(metrics["aux_loss"].detach()), grads
+
+    packed = collate(ids, labels, pack_len=3 * max(map(len, ids)))
+    assert len(packed.input_ids) < len(ids) // 2, "several conversations share each row"
+    loss, aux, grads = loss_and_gradients(packed)
+    row_loss, row_aux, row_grads = loss_and_gradients(collate(ids, labels))
+    assert abs(loss - row_loss) <= 1e-5 and abs(aux - row_aux) <= 1e-5, (
+        f"fp32: packed {loss} (aux {aux}) vs one per row {row_loss} (aux {row_aux}), within 1e-5"
+    )
+    assert grads.keys() == row_grads.keys()
+    worst = max((grads[name] - row_grads[name]).abs().max().item() for name in grads)
+    assert worst <= 1e-5, f"gradients agree within fp32 rounding (1e-5), worst {worst:.2e}"
 
 
 def test_short_sft_run_learns_the_replies_and_exports_a_servable_model(tmp_path) -> None:
@@ -306,16 +379,28 @@ def test_a_dataset_left_without_conversations_is_an_error_naming_it(tmp_path) ->
         ({"lr": "abc"}, r"lr: expected float, got 'abc'"),
         ({"batch_size": 2.5}, r"batch_size: expected int, got 2\.5"),
         ({"betas": [0.9]}, r"betas: expected a list of 2 values, got \[0\.9\]"),
-        ({"betas": [0.9, 1.5]}, r"betas must be in \[0, 1\)"),
+        ({"betas": [0.9, 1.5]}, r"betas\[1\] must be in \[0, 1\), got 1\.5"),
         ({"output_dir": None}, r"output_dir: expected a string, got None"),
-        ({"data": [{"path": "x", "weight": float("nan")}]}, r"data\[0\]\.weight: expected float, got nan"),
-        ({"data": [{"path": "x", "weight": float("inf")}]}, r"data\[0\]\.weight: expected float, got inf"),
+        (
+            {"data": [{"path": "x", "weight": float("nan")}]},
+            r"data\[0\]\.weight: expected a finite float, got nan",
+        ),
+        (
+            {"data": [{"path": "x", "weight": float("inf")}]},
+            r"data\[0\]\.weight: expected a finite float, got inf",
+        ),
+        ({"data": [{"path": "x", "weight": 0}]}, r"data\[0\]\.weight must be > 0, got 0\.0"),
+        ({"data": []}, r"data must not be empty"),
+        ({"data": [{"weight": 2}]}, r"missing key 'data\[0\]\.path'"),
         ({"data": [{"path": "x", "wieght": 2}]}, r"unknown key 'data\[0\]\.wieght'"),
-        ({"warmup_steps": -1}, r"warmup_steps must be in \[0, steps=200\), got -1"),
+        ({"warmup_steps": -1}, r"warmup_steps must be >= 0, got -1"),
         ({"warmup_steps": 200}, r"warmup_steps must be in \[0, steps=200\), got 200"),
         ({"checkpoint_interval": -1}, r"checkpoint_interval must be >= 0, got -1"),
         ({"keep_last": -1}, r"keep_last must be >= 0, got -1"),
         ({"grad_clip": -1.0}, r"grad_clip must be >= 0, got -1\.0"),
+        ({"min_lr": 1e-2}, r"min_lr=0\.01 exceeds lr=0\.001"),
+        ({"precision": "fp16"}, r"precision: expected one of \['auto', 'fp32', 'bf16'\], got 'fp16'"),
+        ({"lerning_rate": 1}, r"unknown key 'lerning_rate'; valid keys: \['model', 'data', 'output_dir'"),
     ],
 )
 def test_recipe_values_are_checked_by_type_and_range(changes: dict, message: str) -> None:

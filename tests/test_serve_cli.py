@@ -10,7 +10,7 @@ import pytest
 
 from serve_helpers import save_model_dir
 from turbos.cli import main
-from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve import EngineConfig, LLMEngine, SamplingParams, ServerConfig
 from turbos.serve.interactive import ChatSession, chat_loop
 from turbos.serve.offline import read_requests
 
@@ -155,3 +155,60 @@ def test_serving_flags_out_of_range_are_usage_errors(args, error, capsys) -> Non
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--model", "unused"])
     assert exit_info.value.code == 2 and error in capsys.readouterr().err
+
+
+class _Loaded(Exception):
+    """Raised by the stand-in for ``LLMEngine.from_pretrained``, carrying its EngineConfig."""
+
+
+@pytest.fixture
+def engine_config_of(monkeypatch):
+    """Run a command up to its model load; return the EngineConfig the engine would get."""
+
+    def load(cls, *args, engine_config, **kwargs):
+        raise _Loaded(engine_config)
+
+    monkeypatch.setattr(LLMEngine, "from_pretrained", classmethod(load))
+
+    def run(argv: list[str]) -> EngineConfig:
+        with pytest.raises(_Loaded) as loaded:
+            main(argv)
+        return loaded.value.args[0]
+
+    return run
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "x"], ["chat"]])
+def test_engine_flag_defaults_are_the_engine_config_defaults(engine_config_of, command) -> None:
+    assert engine_config_of([*command, "--model", "unused"]) == EngineConfig()
+
+
+def test_engine_flags_reach_the_engine_config(engine_config_of) -> None:
+    flags = "--max-running 3 --max-queue 5 --prefill-chunk 7 --max-prefill-tokens 9 --seed 1 --enforce-eager"
+    expected = EngineConfig(
+        max_running=3, max_waiting=5, prefill_chunk=7, max_prefill_tokens=9, seed=1, cuda_graphs=False
+    )
+    assert engine_config_of(["serve", "--model", "unused", *flags.split()]) == expected
+
+
+def test_serve_flag_defaults_are_the_server_config_defaults(monkeypatch) -> None:
+    monkeypatch.delenv("TURBOS_API_KEY", raising=False)
+    monkeypatch.setattr(LLMEngine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: object()))
+    served = []
+    monkeypatch.setattr("turbos.serve.server.run_server", lambda engine, name, config: served.append(config))
+    assert main(["serve", "--model", "unused"]) == 0
+    assert served == [ServerConfig()]
+
+
+def test_sampling_flags_not_given_keep_the_sampling_params_defaults(monkeypatch) -> None:
+    monkeypatch.setattr(LLMEngine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: object()))
+    used = []
+    monkeypatch.setattr(
+        "turbos.serve.offline.generate_records",
+        lambda engine, requests, params, **kw: used.append(params) or [],
+    )
+    assert main(["generate", "--model", "unused", "--prompt", "x", "--json"]) == 0
+    defaults = SamplingParams()
+    (params,) = used
+    for name in ("top_p", "top_k", "repetition_penalty"):
+        assert getattr(params, name) == getattr(defaults, name), f"--{name.replace('_', '-')} default"

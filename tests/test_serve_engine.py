@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from serve_helpers import greedy_alone
-from turbos.serve import LLMEngine, QueueFullError, SamplingParams
+from turbos.serve import EngineConfig, LLMEngine, QueueFullError, SamplingParams
 from turbos.serve.async_engine import AsyncLLMEngine, EngineStoppedError
 from turbos.serve.cache_manager import SlotAttention
 from turbos.serve.engine import ContextLengthError
@@ -235,3 +235,25 @@ def test_generate_checks_every_prompt_before_queueing_any(model, tokenizer) -> N
     assert not engine.has_unfinished() and engine.num_waiting == 0
     [result] = engine.generate([[13, 14]], greedy(4))
     assert result.token_ids == greedy_alone(model, [13, 14], 4)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_running", 0),
+        ("max_waiting", 0),
+        ("prefill_chunk", 0),
+        ("max_prefill_tokens", -1),
+        ("seed", 2**64),
+    ],
+)
+def test_engine_settings_out_of_range_are_rejected(model, tokenizer, option, value) -> None:
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        LLMEngine(model, tokenizer, **{option: value})
+
+
+def test_engine_options_override_single_fields_of_the_engine_config(model, tokenizer) -> None:
+    base = EngineConfig(max_running=3, seed=1)
+    engine = LLMEngine(model, tokenizer, base, max_waiting=5)
+    assert engine.engine_config == EngineConfig(max_running=3, max_waiting=5, seed=1)
+    assert (engine.scheduler.max_running, engine.scheduler.max_waiting) == (3, 5)

@@ -17,7 +17,7 @@ def load(clients: int, max_running: int, **kwargs) -> dict:
     engine = LLMEngine(model, tokenizer, max_running=max_running, max_waiting=256)
     with running_server(engine) as (url, async_engine):
         records, wall = asyncio.run(run_load(url, "tiny", clients=clients, max_tokens=16, **kwargs))
-        assert async_engine.engine.num_running == 0 and not async_engine.engine.has_unfinished()
+        assert async_engine.num_running == 0 and not async_engine.engine.has_unfinished()
     stats = summarize(records, wall)
     print(
         f"\n{clients} clients: {stats['completed']}/{stats['requests']} requests in {wall:.1f} s, "

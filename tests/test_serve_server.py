@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
+import socket
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager
+import urllib.request
+from contextlib import contextmanager, suppress
 
 import openai
 import pytest
@@ -340,7 +343,7 @@ def test_an_extreme_request_does_not_fail_another_clients_request(server, model)
 
         thread = threading.Thread(target=run)
         thread.start()
-        assert wait_until(lambda: async_engine.engine.num_running == 1)
+        assert wait_until(lambda: async_engine.num_running == 1)
         for extreme in ({"temperature": 1e-40}, {"temperature": 1e-5, "repetition_penalty": 0.01}):
             body = {
                 "model": "tiny",
@@ -455,8 +458,6 @@ def test_closing_a_stream_cancels_the_request_and_frees_its_slot(client, server,
 def test_health_and_metrics(server, client) -> None:
     chat(client)
     url = server[0]
-    import urllib.request
-
     assert json.loads(urllib.request.urlopen(f"{url}/health").read()) == {"status": "ok"}
     text = urllib.request.urlopen(f"{url}/metrics").read().decode()
     for name in (
@@ -504,3 +505,68 @@ def test_an_oversized_chunked_body_gets_413(server) -> None:
         assert response.status == 413, response.read()
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------- slow clients
+HEADER_TIMEOUT = 1.0
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (a reset counts as closing)."""
+    chunks = []
+    with suppress(ConnectionResetError):
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def impatient_server(model, tokenizer):
+    with running_server(LLMEngine(model, tokenizer), header_timeout=HEADER_TIMEOUT) as (url, _):
+        parsed = urllib.parse.urlsplit(url)
+        yield url, (parsed.hostname, parsed.port)
+
+
+def test_a_request_head_left_unfinished_gets_408_and_the_connection_closes(impatient_server) -> None:
+    with socket.create_connection(impatient_server[1], timeout=10 * HEADER_TIMEOUT) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        reply = read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+
+
+def test_the_next_head_on_a_kept_alive_connection_has_the_same_deadline(impatient_server) -> None:
+    host, port = impatient_server[1]
+    conn = http.client.HTTPConnection(host, port, timeout=10 * HEADER_TIMEOUT)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+        conn.sock.sendall(b"GET /health HTTP/1.1\r\n")
+        reply = read_until_closed(conn.sock)
+    finally:
+        conn.close()
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+
+
+def test_clients_sending_one_header_line_at_a_time_are_cut_off(impatient_server) -> None:
+    """Slowloris: 5 connections each send a header line every 0.3 s and never end the head; each
+    is closed within 16 lines (4.8 s, about 5 times the timeout), and the server still answers."""
+    sockets = [socket.create_connection(impatient_server[1], timeout=10) for _ in range(5)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        still_open = set(sockets)
+        for line in range(16):
+            time.sleep(0.3)
+            for sock in list(still_open):
+                if select.select([sock], [], [], 0)[0]:  # the server answered or closed
+                    read_until_closed(sock)
+                    still_open.discard(sock)
+                else:
+                    with suppress(OSError):
+                        sock.sendall(b"X-Line-%d: 1\r\n" % line)
+        assert not still_open, f"{len(still_open)} of 5 slow connections still open after 4.8 s"
+    finally:
+        for sock in sockets:
+            sock.close()
+    with urllib.request.urlopen(f"{impatient_server[0]}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}, "a normal request still works afterwards"

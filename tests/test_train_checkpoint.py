@@ -51,7 +51,7 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monke
     good = save(tmp_path, 1, model, optimizer)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def killed_midway(directory, model, optimizer, state, tokenizer_dir):
+    def killed_midway(directory, model, optimizer, state, tokenizer_dir, rng):
         model.save_pretrained(directory)  # some files are written ...
         raise KeyboardInterrupt("killed")  # ... then the process dies
 

@@ -14,8 +14,12 @@ from safetensors.torch import load_file
 
 from turbos.cli import main
 from turbos.data.corpora import build_corpus
+from turbos.data.packing import eos_seq_idx
+from turbos.data.tokenizer import EOS_ID
+from turbos.device import autocast_context
+from turbos.model import TurboSForCausalLM
 from turbos.train.checkpoint import list_checkpoints
-from turbos.train.evaluate import autocast_context
+from turbos.train.loop import Interrupted
 from turbos.train.metrics import read_metrics
 from turbos.train.recipe import parse_recipe
 from turbos.train.trainer import Trainer
@@ -113,6 +117,63 @@ def test_stopping_and_resuming_gives_bitwise_identical_weights(
     assert [r["loss"] for r in read_metrics(tmp_path)[1:]] == straight, "identical losses, step by step"
 
 
+def test_an_interrupt_inside_a_step_checkpoints_the_step_before_and_resumes_it_exactly(
+    straight_run: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(micro_recipe(tmp_path), progress=False)
+    loss_fn, calls = trainer.loss_fn, []
+
+    def interrupted_in_step_4(model, batch):
+        calls.append(1)
+        if len(calls) == 8:  # step 4's second micro-batch: the first one drew data, RNG and gradients
+            raise KeyboardInterrupt
+        return loss_fn(model, batch)
+
+    trainer.loss_fn = interrupted_in_step_4
+    with pytest.raises(Interrupted) as caught:
+        trainer.train()
+    step_3 = tmp_path / "checkpoints" / "step-00000003"
+    assert (caught.value.checkpoint, caught.value.where) == (step_3, f"at step 3/{TOTAL}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"], (
+        "step 3, the last completed one, is saved besides the interval's step 2"
+    )
+    Trainer(micro_recipe(tmp_path), resume="auto", progress=False).train()
+    expected, got = final_weights(straight_run), final_weights(tmp_path)
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == [], (
+        "the partial step's data, RNG draws and gradients must leave no trace, bit for bit"
+    )
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(TOTAL + 1))
+
+
+def test_parallelize_applies_to_the_model_before_the_optimizer_is_built(tmp_path: Path) -> None:
+    def freeze_the_final_norm(model: torch.nn.Module) -> torch.nn.Module:
+        model.model.norm.weight.requires_grad_(False)  # stands for a wrapper changing the parameters
+        return model
+
+    trainer = Trainer(micro_recipe(tmp_path), progress=False, parallelize=freeze_the_final_norm)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(trainer.model.model.norm.weight) not in optimized
+
+
+def test_reset_at_eos_gives_the_model_each_rows_documents(tmp_path: Path, monkeypatch) -> None:
+    raw = copy.deepcopy(MICRO)
+    raw["data"]["reset_at_eos"] = True
+    raw.update(output_dir=str(tmp_path), eval={"interval": 0})
+    seen = []
+    forward = TurboSForCausalLM.forward
+
+    def spy(self, input_ids, *args, seq_idx=None, **kwargs):
+        seen.append((input_ids, seq_idx))
+        return forward(self, input_ids, *args, seq_idx=seq_idx, **kwargs)
+
+    monkeypatch.setattr(TurboSForCausalLM, "forward", spy)
+    Trainer(parse_recipe(raw), progress=False).train()
+    assert len(seen) == 2 * TOTAL, "one forward per micro-batch"
+    for inputs, seq_idx in seen:
+        assert seq_idx is not None and torch.equal(seq_idx, eos_seq_idx(inputs, EOS_ID))
+    assert any(int(seq_idx.max()) > 0 for _, seq_idx in seen), "rows hold several documents"
+
+
 def test_metrics_log_every_step_with_lrs_routing_and_validation(straight_run: Path) -> None:
     records = read_metrics(straight_run)
     assert records[0]["step"] == 0 and "val_loss" in records[0], "validation before the first step"
@@ -138,7 +199,7 @@ def test_checkpoints_carry_the_stage_rope_alpha_and_the_tokenizer(straight_run: 
     assert config["rope_alpha"] == 2.0, "the long stage's alpha is part of the saved model"
     assert (last / "tokenizer.json").is_file()
     state = json.loads((last / "trainer_state.json").read_text())
-    assert (state["step"], state["stage_name"]) == (TOTAL, "long")
+    assert (state["step"], state["stage"]) == (TOTAL, 1), "the checkpoint is of the long stage's last step"
 
 
 def test_a_run_directory_with_checkpoints_is_not_silently_overwritten(straight_run: Path) -> None:
@@ -229,7 +290,7 @@ def test_cpu_runs_fp32_unless_bf16_is_asked_for(precision: str, dtype: torch.dty
 def test_cli_plot_and_eval_ppl_reject_bad_input_with_clear_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "lm_loss": 5.0, "loss": 5.0}\n[1, 2]\n')
     assert main(["plot", str(tmp_path)]) == 2
-    assert "record 2 of metrics.jsonl is not a JSON object" in capsys.readouterr().err
+    assert "metrics.jsonl:2: expected a JSON object, got list" in capsys.readouterr().err
     for flag in ("--batch-size", "--batches"):
         with pytest.raises(SystemExit) as exit_info:
             main(["eval-ppl", "--model", "unused", "--data", "builtin:reasoning", flag, "0"])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from turbos.train.recipe import parse_recipe, plan_stages
-from turbos.train.schedule import LRSchedule
+from turbos.train.schedule import LRPhase, LRSchedule
 
 PEAK, MIN_LR, LONG_LR = 1e-3, 1e-4, 5e-5
 
@@ -58,3 +58,24 @@ def test_long_context_stage_holds_its_own_constant_lr(schedule: LRSchedule) -> N
         "long",
         "long",
     ]
+
+
+def test_sft_schedule_is_a_linear_warmup_then_a_cosine_from_the_peak_to_min_lr() -> None:
+    lr, min_lr, warmup, steps = 2e-3, 2e-4, 50, 1000
+    schedule = LRSchedule.warmup_cosine(lr, min_lr, warmup, steps)
+    assert [schedule(s) for s in range(warmup)] == [lr * (s + 1) / warmup for s in range(warmup)], (
+        "the warm-up's values exactly as SFT computed them"
+    )
+    decay = [schedule(s) for s in range(warmup, steps)]
+    expected = [
+        min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * ((s - warmup + 1) / (steps - warmup))))
+        for s in range(warmup, steps)
+    ]
+    assert decay == expected, "the cosine's values exactly as SFT computed them"
+    assert decay[-1] == pytest.approx(min_lr, rel=1e-12) and schedule.total_steps == steps
+    assert LRSchedule.warmup_cosine(lr, min_lr, 0, 10)(0) < lr, "without warm-up the cosine starts at once"
+
+
+def test_an_unknown_lr_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown LR policy 'cosin'"):
+        LRSchedule(1e-3, 0, [LRPhase(0, 0, 10, "cosin", 1e-4)])

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
 
 from turbos.config import ConfigError
 
@@ -139,7 +144,6 @@ def _cmd_fuse_cot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from turbos.post.demo import MAX_DROP, MAX_TOKEN_RATIO, target_think_bounds
     from turbos.post.evaluate import builtin_problems, evaluate_modes, format_table, read_problems
     from turbos.post.routing import routing_report
 
@@ -153,9 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     by = "family_level" if args.by_family else "level"
     print(json.dumps(results, indent=2) if args.json else format_table(results, by=by))
     if not args.json and {"no_think", "think"} <= set(args.modes):
-        rows = [a.row() for a in answers]
-        bounds = target_think_bounds(r["level"] for r in rows)
-        print("\n" + "\n".join(routing_report(rows, MAX_DROP, bounds, MAX_TOKEN_RATIO)).rstrip())
+        print("\n" + "\n".join(routing_report(a.row() for a in answers)).rstrip())
     return 0
 
 
@@ -204,9 +206,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from turbos.data.corpora import build_corpus
     from turbos.data.tokenizer import load_tokenizer
+    from turbos.device import resolve_device
     from turbos.model import TurboSForCausalLM
     from turbos.train.data import validation_batches
-    from turbos.train.evaluate import evaluate_loss, perplexity, resolve_device
+    from turbos.train.evaluate import evaluate_loss, perplexity
 
     device = resolve_device(args.device)
     model = TurboSForCausalLM.from_pretrained(args.model, device=device)
@@ -258,7 +261,12 @@ def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
     )
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-running", type=int, default=max_running, help="sequences decoded together at most")
+    p.add_argument(
+        "--max-running",
+        type=_int_at_least(1),
+        default=max_running,
+        help="sequences decoded together at most (default: %(default)s)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -272,8 +280,22 @@ def _add_model_flags(p: argparse.ArgumentParser, max_running: int) -> None:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    _add_model_flags(p, max_running=16)
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens fed per forward pass")
+    """The model flags and the engine's settings (serve, generate, chat), defaults from EngineConfig."""
+    from turbos.serve.config import EngineConfig
+
+    _add_model_flags(p, max_running=EngineConfig.max_running)
+    p.add_argument(
+        "--prefill-chunk",
+        type=_int_at_least(1),
+        default=EngineConfig.prefill_chunk,
+        help="prompt tokens fed per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=_int_at_least(1),
+        default=EngineConfig.max_prefill_tokens,
+        help="padded prompt tokens (prompts x longest) prefilled together at most (default: %(default)s)",
+    )
     p.add_argument(
         "--seed",
         type=_int_at_least(-(2**63), at_most=2**64 - 1),
@@ -281,48 +303,97 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_engine(args: argparse.Namespace, **kwargs):
-    """The engine of ``_add_model_flags``; kwargs go to ``LLMEngine``."""
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The HTTP server's settings (serve), defaults from ServerConfig and EngineConfig."""
+    from turbos.serve.config import EngineConfig, ServerConfig
+
+    p.add_argument("--host", default=ServerConfig.host, help="address to bind (default: loopback only)")
+    p.add_argument(
+        "--port",
+        type=_int_at_least(1, at_most=65535),
+        default=ServerConfig.port,
+        help="port to listen on (default: %(default)s)",
+    )
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TURBOS_API_KEY)")
+    p.add_argument(
+        "--max-queue",
+        type=_int_at_least(1),
+        default=EngineConfig.max_waiting,
+        help="waiting requests at most; more get 503 (default: %(default)s)",
+    )
+    p.add_argument("--served-model-name", help="model id in the API (default: the directory name)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=_int_at_least(1),
+        default=ServerConfig.max_body_bytes,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=ServerConfig.drain_timeout,
+        help="seconds requests in flight get to finish on shutdown before being cancelled "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=ServerConfig.header_timeout,
+        help="seconds a connection gets to send a request's headers; a slower one gets 408 and is closed "
+        "(default: %(default)s)",
+    )
+
+
+def _load_engine(args: argparse.Namespace, **options):
+    """The engine of ``_add_model_flags``; ``options`` are more ``EngineConfig`` fields."""
     import torch
 
-    from turbos.serve import LLMEngine
+    from turbos.serve import EngineConfig, LLMEngine
 
+    engine_config = EngineConfig(
+        max_running=args.max_running, cuda_graphs=False if args.enforce_eager else None, **options
+    )
     return LLMEngine.from_pretrained(
         args.model,
         args.tokenizer,
         device=args.device,
-        max_running=args.max_running,
         dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
         quantization=args.quantization,
-        cuda_graphs=False if args.enforce_eager else None,
-        **kwargs,
+        engine_config=engine_config,
     )
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, help="keep the most likely tokens up to this mass (default: all)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (default: all)")
+    p.add_argument("--repetition-penalty", type=float, help="1 is none (default: none)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--thinking", choices=["auto", "think", "no_think"], help="thinking mode for chats")
 
 
-def _engine_and_params(args: argparse.Namespace, max_waiting: int = 256):
+def _engine_and_params(args: argparse.Namespace, **options):
+    """The engine of ``_add_engine_flags`` (``options``: more ``EngineConfig`` fields) and the
+    ``SamplingParams`` of ``_add_sampling_flags`` (None for a command without them); a sampling
+    flag not given keeps the ``SamplingParams`` default."""
     from turbos.serve import SamplingParams
 
-    engine = _load_engine(args, max_waiting=max_waiting, prefill_chunk=args.prefill_chunk, seed=args.seed)
+    engine = _load_engine(
+        args,
+        prefill_chunk=args.prefill_chunk,
+        max_prefill_tokens=args.max_prefill_tokens,
+        seed=args.seed,
+        **options,
+    )
     if not hasattr(args, "temperature"):
         return engine, None
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-    )
+    given = {
+        name: getattr(args, name)
+        for name in ("top_p", "top_k", "repetition_penalty")
+        if getattr(args, name) is not None
+    }
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, stop=args.stop, **given)
     return engine, params
 
 
@@ -331,34 +402,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from turbos.serve.async_engine import AsyncLLMEngine
+    from turbos.serve.config import ServerConfig
     from turbos.serve.server import run_server
 
-    engine, _ = _engine_and_params(args, max_waiting=args.max_queue)
-    name = args.served_model_name or Path(args.model).resolve().name
-    api_key = args.api_key or os.environ.get("TURBOS_API_KEY")
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (API key {'on' if api_key else 'off'})")
-    run_server(
-        AsyncLLMEngine(engine),
-        name,
+    config = ServerConfig(  # checked before the model loads
         host=args.host,
         port=args.port,
-        api_key=api_key,
+        api_key=args.api_key or os.environ.get("TURBOS_API_KEY"),
         max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout,
+        header_timeout=args.header_timeout,
     )
+    engine, _ = _engine_and_params(args, max_waiting=args.max_queue)
+    name = args.served_model_name or Path(args.model).resolve().name
+    key = "on" if config.api_key else "off"
+    print(f"serving {name!r} on http://{config.host}:{config.port}/v1 (API key {key})")
+    run_server(AsyncLLMEngine(engine), name, config)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from turbos.serve.offline import generate_records, read_requests
 
-    try:
-        requests = [{"prompt": args.prompt}] if args.prompt is not None else read_requests(args.input)
-        engine, params = _engine_and_params(args)
-        records = generate_records(engine, requests, params, chat=args.chat, thinking=args.thinking)
-    except ValueError as err:
-        print(f"turbos generate: error: {err}", file=sys.stderr)
-        return 2
+    requests = [{"prompt": args.prompt}] if args.prompt is not None else read_requests(args.input)
+    engine, params = _engine_and_params(args)
+    records = generate_records(engine, requests, params, chat=args.chat, thinking=args.thinking)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.output:
         with open(args.output, "w") as f:
@@ -377,11 +445,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from turbos.serve.interactive import run_chat
 
-    try:
-        engine, params = _engine_and_params(args)
-    except ValueError as err:
-        print(f"turbos chat: error: {err}", file=sys.stderr)
-        return 2
+    engine, params = _engine_and_params(args)
     run_chat(engine, params, system=args.system, mode=args.thinking)
     return 0
 
@@ -409,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-share",
         type=float,
         help="share of solved fusion problems checked in a think block (default 0, 0.25 with "
-        "--quick; see README)",
+        "--quick; see docs/adaptive-cot.md)",
     )
     p.add_argument(
         "overrides",
@@ -530,18 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval_ppl)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, thinking modes)")
     _add_engine_flags(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=_int_at_least(1, at_most=65535), default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set TURBOS_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests at most; more get 503")
-    p.add_argument("--served-model-name", help="model id in the API (default: the directory name)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=10.0,
-        help="seconds requests in flight get to finish on shutdown before being cancelled",
-    )
+    _add_server_flags(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("generate", help="batched generation for a prompt or a JSONL file of prompts/chats")
@@ -565,13 +618,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Long commands: Ctrl-C or SIGTERM ends them with one line on stderr saying what was saved and the
+# command that goes on, exit code 128 + the signal (130, 143).
+INTERRUPTIBLE = frozenset({"demo", "pretrain", "sft", "fuse-cot", "eval"})
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    """SIGTERM handler: stop the way Ctrl-C does (a KeyboardInterrupt that carries the signal)."""
+    from turbos.train.loop import Interrupted
+
+    raise Interrupted(signum)
+
+
+def _turbos(words: list[str]) -> str:
+    return shlex.join(["turbos", *words])
+
+
+def _with_resume(words: list[str]) -> list[str]:
+    """The command line with ``--resume auto`` instead of any --resume or --overwrite."""
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = True
+        elif word != "--overwrite" and not word.startswith("--resume="):
+            out.append(word)
+    return [*out, "--resume", "auto"]
+
+
+def _interrupted_line(
+    args: argparse.Namespace, words: list[str], err: KeyboardInterrupt, started: float
+) -> str:
+    """The one line an interrupted command ends with: where it stopped, what was saved, and the
+    command that continues (or repeats) the work."""
+    from turbos.train.loop import Interrupted
+
+    what = err.message if isinstance(err, Interrupted) else "interrupted"
+    if args.command == "demo":  # finished stages are reused, an interrupted one resumes
+        return f"{what}; resume with: {_turbos([w for w in words if w != '--fresh'])}"
+    if args.command in ("pretrain", "sft"):
+        if isinstance(err, Interrupted) and err.checkpoint is not None:
+            return f"{what}; resume with: {_turbos(_with_resume(words))}"
+        if not isinstance(err, Interrupted):
+            what = "interrupted before training began: nothing saved"
+        return f"{what}; start again with: {_turbos(words)}"
+    if args.command == "fuse-cot":
+        output = Path(args.output)
+        if output.is_file() and output.stat().st_mtime >= started:
+            return f"{what}: {output} was written in full; nothing to re-run"
+        return (
+            f"{what}: nothing written to {output} (it is written whole when fusion finishes); "
+            f"run again with: {_turbos(words)}"
+        )
+    return f"{what}: nothing saved (results print when every mode is done); run again with: {_turbos(words)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(words)
+    on_sigterm = args.command in INTERRUPTIBLE and threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_sigterm else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    started = time.time()
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        if args.command not in INTERRUPTIBLE:
+            raise
+        from turbos.train.loop import signal_number
+
+        print(_interrupted_line(args, words, err, started), file=sys.stderr)
+        return 128 + signal_number(err)
     except (ConfigError, OSError, ValueError) as err:
         print(f"turbos {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

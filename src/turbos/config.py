@@ -1,6 +1,6 @@
 """TurboSConfig: every hyperparameter of the network, the A/M/F layout grammar, and presets.
 
-The layout is the one place the layer order lives (DESIGN.md). It is a string of *blocks*; a block
+The layout is the one place the layer order lives (docs/design.md). It is a string of *blocks*; a block
 is a run of the letters A (attention), M (Mamba2) and F (feed-forward / MoE), each letter one
 pre-norm residual layer (report §2.2). Blocks are separated by spaces and may repeat with ``*N``;
 parentheses group several blocks, so the 128-layer model reads on one line::
@@ -25,6 +25,16 @@ LAYER_KINDS = {"A": "attention", "M": "mamba2", "F": "ffn"}
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
+
+
+class DamagedFileError(ValueError):
+    """A saved file (config.json, model.safetensors, tokenizer.json) cannot be read back: it is
+    truncated or otherwise damaged. The one-line message names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: object) -> None:
+        reason = " ".join(str(reason).split())
+        super().__init__(f"{path} is damaged or truncated ({reason}); save or copy it again")
+        self.path = Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,8 +375,11 @@ class TurboSConfig:
             raise FileNotFoundError(f"no config.json at {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        except ValueError as err:  # not UTF-8, or not JSON
+            raise DamagedFileError(path, err) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:  # a wrong type, or a value out of range
+            raise ConfigError(f"{path}: {err}") from None

@@ -1,4 +1,4 @@
-"""Packing documents into fixed-length rows of token ids, in memory or streamed with exact resume.
+"""Packing documents into fixed-length rows of token ids, streamed with exact resume.
 
 Each document is tokenized (no special tokens added) and followed by EOS; the documents are
 concatenated into one token stream, and row i is `stream[i * seq_len : i * seq_len + seq_len + 1]`.
@@ -6,8 +6,12 @@ A row holds `seq_len + 1` tokens (inputs `row[:-1]`, labels `row[1:]`) and conse
 share one token, so every next-token pair of the stream is in exactly one row. The tail too short
 for a full row is dropped (fewer than `seq_len + 1` tokens).
 
-Validation documents are chosen by a hash of their text (`document_split`), the same way in
-memory and streaming, whatever the corpus order, without a first pass over the corpus.
+Validation documents are chosen by a hash of their text (`document_split`), whatever the corpus
+order, without a first pass over the corpus.
+
+A row read as one text lets attention and the Mamba2 state run across document boundaries;
+`eos_seq_idx` numbers the documents of a row instead (the model's ``seq_idx``), so each sees only
+itself. `first_fit_decreasing` packs whole sequences (SFT conversations) into rows.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from turbos.data.tokenizer import EOS_TOKEN
 
@@ -40,7 +43,8 @@ def document_split(text: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest, "big") < val_fraction * 2**64 else "train"
 
 
-def _eos_id(tokenizer: Tokenizer) -> int:
+def eos_token_id(tokenizer: Tokenizer) -> int:
+    """The id of the tokenizer's EOS token, which ends every packed document."""
     eos = tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
         raise ValueError(f"the tokenizer has no {EOS_TOKEN} token to end documents with")
@@ -51,7 +55,7 @@ def tokenize_documents(
     documents: Iterable[str], tokenizer: Tokenizer, batch_size: int = 256
 ) -> Iterator[list[int]]:
     """Token ids of each document followed by EOS, encoded a batch at a time (in parallel)."""
-    eos = _eos_id(tokenizer)
+    eos = eos_token_id(tokenizer)
     documents = iter(documents)
     while batch := list(itertools.islice(documents, batch_size)):
         for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
@@ -72,64 +76,32 @@ def pack_rows(token_documents: Iterable[list[int]], seq_len: int) -> Iterator[li
             pending = pending[n_rows * seq_len :]
 
 
-def pack_stream(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """All rows of a 1-D token stream as a [n_rows, seq_len + 1] view (the same rows as `pack_rows`)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    if len(stream) < seq_len + 1:
-        return stream.new_empty((0, seq_len + 1))
-    return stream.unfold(0, seq_len + 1, seq_len)
+def eos_seq_idx(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's document within its row of EOS-separated documents (the model's ``seq_idx``,
+    (..., T) long): the number of EOS tokens before it, so a document ends with its EOS and the
+    next one starts after it. A row's first token continues whatever document it was cut from."""
+    ends = (input_ids == eos_id).long()
+    return ends.cumsum(-1) - ends
 
 
-class PackedDataset(Dataset):
-    """Rows of `seq_len + 1` token ids held in memory; `dataset[i]` is a LongTensor row."""
-
-    def __init__(self, rows: torch.Tensor):
-        if rows.dim() != 2 or rows.dtype != torch.long:
-            raise ValueError(f"rows must be a 2-D LongTensor, got {rows.dtype} of shape {tuple(rows.shape)}")
-        self.rows = rows
-
-    @property
-    def seq_len(self) -> int:
-        return self.rows.shape[1] - 1
-
-    def __len__(self) -> int:
-        return self.rows.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.rows[index]
-
-
-def build_packed_datasets(
-    documents: Iterable[str],
-    tokenizer: Tokenizer,
-    seq_len: int,
-    *,
-    val_fraction: float = 0.05,
-    seed: int = 0,
-) -> tuple[PackedDataset, PackedDataset]:
-    """Train and validation rows of a corpus that fits in memory.
-
-    Documents are split by `document_split`, each split's documents are shuffled by `seed`, then
-    packed. Raises ValueError when the train split (or, with `val_fraction` > 0, the validation
-    split) is too small for one row.
-    """
-    by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for document in documents:
-        by_split[document_split(document, val_fraction)].append(document)
-    datasets = []
-    for split, split_documents in by_split.items():
-        random.Random(seed).shuffle(split_documents)
-        tokens = itertools.chain.from_iterable(tokenize_documents(split_documents, tokenizer))
-        stream = torch.from_numpy(np.fromiter(tokens, dtype=np.int64))
-        rows = pack_stream(stream, seq_len)
-        if len(rows) == 0 and (split == "train" or val_fraction > 0):
-            raise ValueError(
-                f"the {split} split has {len(stream)} tokens, too few for one row of {seq_len + 1}; "
-                "use a larger corpus, a shorter seq_len or a different val_fraction"
-            )
-        datasets.append(PackedDataset(rows))
-    return datasets[0], datasets[1]
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of total length at most ``capacity``: longest first
+    (ties in index order), each into the first bin with room, else a new one. Bins are in the
+    order they were opened, their items in the order they were placed."""
+    too_long = [length for length in lengths if length > capacity]
+    if too_long:
+        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit in a row of {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if fits is None:
+            bins.append([])
+            room.append(capacity)
+            fits = len(bins) - 1
+        bins[fits].append(i)
+        room[fits] -= lengths[i]
+    return bins
 
 
 class StreamingPackedDataset(IterableDataset):

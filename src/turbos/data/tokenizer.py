@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from turbos.config import DamagedFileError
+
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -104,7 +106,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {str(directory)!r}")
-    tokenizer = Tokenizer.from_file(str(path))
+    data = path.read_bytes()  # an unreadable file is an OSError, not damage
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:  # not UTF-8, or not a tokenizer (tokenizers raises a bare Exception)
+        raise DamagedFileError(path, err) from None
     wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tokenizer.token_to_id(t) != i]
     if wrong:
         raise ValueError(f"{path} does not give the special tokens {wrong} their turbos ids")

@@ -1,5 +1,7 @@
-"""Numerical kernels: a readable reference and a fast path for each, tested against each other."""
+"""Numerical kernels, one entry point per op (SSD scan, state update, causal conv): a readable
+reference and fast paths for each, tested against each other."""
 
-from turbos.kernels.ssd import ssd_chunk_scan, ssd_sequential_scan, ssd_step
+from turbos.kernels.conv import causal_conv1d
+from turbos.kernels.ssd import ssd_chunk_scan, ssd_scan, ssd_sequential_scan, ssd_step, ssd_update_
 
-__all__ = ["ssd_chunk_scan", "ssd_sequential_scan", "ssd_step"]
+__all__ = ["causal_conv1d", "ssd_chunk_scan", "ssd_scan", "ssd_sequential_scan", "ssd_step", "ssd_update_"]

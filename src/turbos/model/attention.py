@@ -12,11 +12,14 @@ from torch import nn
 
 from turbos.config import TurboSConfig
 from turbos.model.cache import AttentionCache
+from turbos.model.context import LayerContext
 from turbos.model.norm import RMSNorm
 from turbos.model.rope import apply_rotary
 
 
 class Attention(nn.Module):
+    """q/k/v projections -> RoPE -> QK-norm -> SDPA (GQA) -> o_proj."""
+
     def __init__(self, config: TurboSConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -33,19 +36,19 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None = None,
-        cache: AttentionCache | None = None,
+        self, hidden_states: torch.Tensor, ctx: LayerContext, cache: AttentionCache | None = None
     ) -> torch.Tensor:
-        """hidden_states (b, T, hidden); rotary = (cos, sin) each (b, T, head_dim);
-        attn_mask: None for plain causal attention, else bool (b, 1, T, T_past + T), True = attend."""
+        """hidden_states (b, T, hidden) -> (b, T, hidden). From ``ctx``: rotary = (cos, sin), each
+        (b, T, head_dim); attn_mask, None for plain causal attention, else bool
+        (b, 1, T, T_past + T), True = attend (padding and documents folded in). ``cache`` gets the
+        new keys and values appended."""
+        if ctx.rotary is None:
+            raise ValueError("attention needs the rotary tables: ctx.rotary = (cos, sin)")
         b, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
+        cos, sin = ctx.rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
@@ -55,8 +58,8 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None and T > 1,
+            attn_mask=ctx.attn_mask,
+            is_causal=ctx.attn_mask is None and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, T, -1))

@@ -3,6 +3,10 @@
 Attention layers keep their keys and values (grows with the sequence, only a few layers have it);
 Mamba2 layers keep a conv window and an SSM state of fixed size (report §5: the state stays in
 fp32 whatever the model dtype; bf16 state caused repetitive long generations).
+
+After a packed prefill (several documents per row, ``seq_idx``) the cache holds, per row, the
+Mamba2 state of the row's last document and the keys and values of all its tokens with their
+documents (``HybridCache.seq_idx``); later calls continue that last document by default.
 """
 
 from __future__ import annotations
@@ -56,12 +60,17 @@ class MambaCache:
 class HybridCache:
     """Per-layer decoding state for a batch; ``layers[i]`` is None for feed-forward layers."""
 
+    seq_idx: torch.Tensor | None
+    """(batch, tokens) long: the document of every token fed so far, once a call was packed
+    (``seq_idx`` given); None while every row is one document."""
+
     def __init__(
         self, config: TurboSConfig, batch_size: int, device: torch.device | str | None = None
     ) -> None:
         self.config = config
         self.batch_size = batch_size
         self.seen_tokens = 0
+        self.seq_idx = None
         self.layers: list[AttentionCache | MambaCache | None] = []
         for kind in config.layer_types:
             if kind == "A":
@@ -77,7 +86,7 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Memory held by the cache, in bytes."""
-        total = 0
+        total = 0 if self.seq_idx is None else self.seq_idx.nbytes
         for layer in self.layers:
             if isinstance(layer, AttentionCache) and layer.key is not None:
                 total += layer.key.nbytes + layer.value.nbytes
@@ -89,6 +98,7 @@ class HybridCache:
         """A new cache holding only the given batch rows (e.g. to drop finished sequences)."""
         out = HybridCache.__new__(HybridCache)
         out.config, out.batch_size, out.seen_tokens = self.config, len(rows), self.seen_tokens
+        out.seq_idx = None if self.seq_idx is None else self.seq_idx[rows]
         out.layers = []
         for layer in self.layers:
             if isinstance(layer, AttentionCache):

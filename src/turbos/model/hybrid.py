@@ -1,7 +1,10 @@
 """The TurboS hybrid network: embeddings -> layers from the A/M/F layout -> final norm -> LM head.
 
 Every layer is one pre-norm residual layer: x = x + mixer(RMSNorm(x)), where the mixer is
-attention (A), Mamba2 (M) or a feed-forward MoE / dense SwiGLU (F) (report §2.2).
+attention (A), Mamba2 (M) or a feed-forward MoE / dense SwiGLU (F) (report §2.2). The layers of a
+forward pass share one ``LayerContext`` (rotary tables, masks, packed-document ids, router losses),
+and the stack is a plain loop over them, so hooks, activation checkpointing and parallelism apply
+per layer from outside.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from turbos.config import TurboSConfig
+from turbos.config import DamagedFileError, TurboSConfig
 from turbos.model.attention import Attention
-from turbos.model.cache import HybridCache
+from turbos.model.cache import AttentionCache, HybridCache, MambaCache
+from turbos.model.context import LayerContext, build_attention_mask, check_seq_idx, packed_position_ids
 from turbos.model.mamba2 import Mamba2Mixer
 from turbos.model.moe import MoE, MoEStats, RoutedExperts, SwiGLU
 from turbos.model.norm import RMSNorm
@@ -31,7 +36,10 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
+    """What ``TurboSForCausalLM.forward`` returns."""
+
     logits: torch.Tensor
+    """(b, T, vocab), or (b, logits_to_keep, vocab)."""
     loss: torch.Tensor | None = None
     """lm_loss + aux_loss, when labels are given."""
     lm_loss: torch.Tensor | None = None
@@ -42,11 +50,16 @@ class CausalLMOutput:
 
 
 class TurboSLayer(nn.Module):
-    """One pre-norm residual layer of kind 'A', 'M' or 'F'."""
+    """One pre-norm residual layer of kind 'A', 'M' or 'F': h + mixer(norm(h)).
 
-    def __init__(self, kind: str, config: TurboSConfig) -> None:
+    Every mixer is called as ``mixer(x, ctx, cache)``; the feed-forward ones (MoE, dense SwiGLU)
+    through ``feed_forward``, which records the MoE router loss and stats in ``ctx``.
+    """
+
+    def __init__(self, kind: str, config: TurboSConfig, layer_idx: int) -> None:
         super().__init__()
         self.kind = kind
+        self.layer_idx = layer_idx
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if kind == "A":
             self.mixer: nn.Module = Attention(config)
@@ -57,25 +70,25 @@ class TurboSLayer(nn.Module):
         else:
             self.mixer = SwiGLU(config.hidden_size, config.intermediate_size)
 
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        ctx: LayerContext,
+        cache: AttentionCache | MambaCache | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (b, T, hidden) -> (b, T, hidden). ``cache``: this layer's decoding state
+        (None for feed-forward layers), updated in place."""
+        mix = self.feed_forward if self.kind == "F" else self.mixer
+        return hidden_states + mix(self.norm(hidden_states), ctx, cache)
 
-def build_attention_mask(
-    attention_mask: torch.Tensor | None, num_new: int, num_past: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean (b, 1, T, past + T) mask for SDPA, or None when plain causal attention is exact.
-
-    ``attention_mask`` (b, past + T) marks real tokens with 1 and padding with 0. Every query may
-    see itself, so padded rows stay finite (their outputs are never used).
-    """
-    if attention_mask is None and (num_past == 0 or num_new == 1):
-        return None
-    total = num_past + num_new
-    q_pos = torch.arange(num_past, total, device=device)[:, None]
-    k_pos = torch.arange(total, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, total)
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :].bool()
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask
+    def feed_forward(self, x: torch.Tensor, ctx: LayerContext, cache: None = None) -> torch.Tensor:
+        """The MoE or dense SwiGLU under the mixer interface: x (b, T, hidden) -> (b, T, hidden)."""
+        if not isinstance(self.mixer, MoE):
+            return self.mixer(x)
+        out, loss, stats = self.mixer(x, ctx.token_mask, ctx.router_losses)
+        if ctx.router_losses:
+            ctx.record_router(self.layer_idx, loss, stats)
+        return out
 
 
 class TurboSModel(nn.Module):
@@ -85,7 +98,7 @@ class TurboSModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(TurboSLayer(kind, config) for kind in config.layer_types)
+        self.layers = nn.ModuleList(TurboSLayer(kind, config, i) for i, kind in enumerate(config.layer_types))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = (  # None in a layout without attention layers
             RotaryEmbedding(config.attn_head_dim, config.rope_theta, config.rope_alpha)
@@ -100,9 +113,16 @@ class TurboSModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: HybridCache | None = None,
         router_losses: bool = True,
+        seq_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
-        """Final hidden states, summed MoE router losses (0 without ``router_losses``) and
-        per-layer routing stats (empty without ``router_losses``)."""
+        """Final hidden states (b, T, hidden), summed MoE router losses (fp32 scalar, 0 without
+        ``router_losses``) and per-layer routing stats (empty without ``router_losses``).
+
+        input_ids (b, T); attention_mask (b, past + T), 0 on padding; position_ids (b, T), by
+        default counted per document over real tokens; seq_idx (b, T) long, each token's document
+        within its row (non-decreasing; ``turbos.model.context``). With a cache, a call without
+        ``seq_idx`` after a packed one continues each row's last document.
+        """
         b, T = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
@@ -113,51 +133,71 @@ class TurboSModel(nn.Module):
                 )
             if bool(attention_mask.all()):
                 attention_mask = None
+        documents, new_document = self._documents(seq_idx, past_key_values, b, T)
         if position_ids is None:
-            if attention_mask is None:
+            if documents is not None:
+                position_ids = packed_position_ids(documents, attention_mask)[:, past:]
+            elif attention_mask is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(b, T)
             else:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        token_mask = None if attention_mask is None else attention_mask[:, past:]
 
-        attn_mask = build_attention_mask(attention_mask, T, past, input_ids.device)
+        ctx = self.layer_context(
+            position_ids,
+            attn_mask=build_attention_mask(attention_mask, T, past, input_ids.device, documents),
+            token_mask=None if attention_mask is None else attention_mask[:, past:],
+            seq_idx=None if documents is None else documents[:, past:],
+            new_document=new_document,
+            router_losses=router_losses,
+        )
         caches = past_key_values.layers if past_key_values is not None else [None] * len(self.layers)
-        out = self.run_layers(input_ids, position_ids, attn_mask, caches, token_mask, router_losses)
+        hidden = self.run_layers(input_ids, ctx, caches)
         if past_key_values is not None:
             past_key_values.seen_tokens += T
-        return out
+            if documents is not None:
+                past_key_values.seq_idx = documents
+        return hidden, ctx.total_router_loss(hidden.device), ctx.stats_in_layer_order()
+
+    @staticmethod
+    def _documents(
+        seq_idx: torch.Tensor | None, cache: HybridCache | None, b: int, T: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The document of every token, cached ones first, (b, past + T), or None when no call was
+        packed; and ``LayerContext.new_document`` (b,) or None."""
+        cached = cache.seq_idx if isinstance(cache, HybridCache) else None
+        if seq_idx is None:
+            if cached is None:
+                return None, None
+            return torch.cat([cached, cached[:, -1:].expand(b, T)], dim=1), None  # continue the last
+        if cache is not None and not isinstance(cache, HybridCache):
+            raise ValueError(f"packed sequences (seq_idx) with a cache need a HybridCache, not {type(cache)}")
+        if tuple(seq_idx.shape) != (b, T):
+            raise ValueError(f"seq_idx must have shape (batch, new) = {(b, T)}, got {tuple(seq_idx.shape)}")
+        past = 0 if cache is None else cache.get_seq_length()
+        # Tokens cached by unpacked calls are one document: the one the first new token is in.
+        before = seq_idx[:, :1].expand(b, past) if cached is None else cached
+        documents = torch.cat([before, seq_idx], dim=1)
+        check_seq_idx(documents)
+        new_document = None if cached is None else seq_idx[:, 0] != cached[:, -1]
+        return documents, new_document
+
+    def layer_context(self, position_ids: torch.Tensor, **fields: object) -> LayerContext:
+        """A ``LayerContext`` with the rotary tables for position_ids (b, T) and the given fields."""
+        rotary = None
+        if self.rotary_emb is not None:
+            rotary = self.rotary_emb(position_ids, self.embed_tokens.weight.dtype)
+        return LayerContext(rotary=rotary, **fields)
 
     def run_layers(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        caches: Sequence[object | None],
-        token_mask: torch.Tensor | None = None,
-        router_losses: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[MoEStats]]:
-        """The stack on prepared inputs: ``attn_mask`` as ``build_attention_mask`` makes it and one
-        cache (or None) per layer. No host synchronisation, so a CUDA graph can capture a decode
-        step (``turbos.serve.cuda_graph``)."""
+        self, input_ids: torch.Tensor, ctx: LayerContext, caches: Sequence[object | None]
+    ) -> torch.Tensor:
+        """The stack on prepared inputs: input_ids (b, T), one cache (or None) per layer ->
+        final-normed hidden states (b, T, hidden). No host synchronisation, so a CUDA graph can
+        capture a decode step (``turbos.serve.cuda_graph``)."""
         h = self.embed_tokens(input_ids)
-        rotary = None if self.rotary_emb is None else self.rotary_emb(position_ids, h.dtype)
-        aux = h.new_zeros((), dtype=torch.float32)
-        stats: list[MoEStats] = []
         for layer, cache in zip(self.layers, caches, strict=True):
-            x = layer.norm(h)
-            if layer.kind == "A":
-                x = layer.mixer(x, rotary, attn_mask, cache)
-            elif layer.kind == "M":
-                x = layer.mixer(x, cache, token_mask)
-            elif isinstance(layer.mixer, MoE):
-                x, loss, layer_stats = layer.mixer(x, token_mask, router_losses)
-                if router_losses:
-                    aux = aux + loss
-                    stats.append(layer_stats)
-            else:
-                x = layer.mixer(x)
-            h = h + x
-        return self.norm(h), aux, stats
+            h = layer(h, ctx, cache)
+        return self.norm(h)
 
 
 class TurboSForCausalLM(nn.Module):
@@ -169,6 +209,29 @@ class TurboSForCausalLM(nn.Module):
         self.model = TurboSModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer as the constructor does, drawing the same random
+        numbers in the same order, for a model built on the meta device and materialised with
+        ``to_empty(device=...)``: under the same ``torch.manual_seed`` it then holds bitwise the
+        weights of ``TurboSForCausalLM(config)`` built on that device.
+
+        Construction draws in each submodule's ``reset_parameters`` (nn.Linear, nn.Conv1d,
+        nn.Embedding, Mamba2's SSM init; norms and the rotary table draw nothing), children before
+        their parent in registration order, then in the ``_init_weights`` pass; this replays
+        both. ``to_empty`` also unties tied embeddings, so they are tied again in between."""
+
+        def reset(module: nn.Module) -> None:
+            for child in module.children():
+                reset(child)
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+        reset(self)
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
@@ -205,20 +268,25 @@ class TurboSForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         router_losses: bool | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Logits for the next token at each position (or the last ``logits_to_keep``).
+        """Logits (b, T, vocab) for the next token at each position (or the last ``logits_to_keep``).
 
-        labels: like input_ids, IGNORE_INDEX (-100) where no loss is wanted; shifted inside.
+        input_ids (b, T); attention_mask (b, past + T), 0 on padding; position_ids (b, T).
+        labels: like input_ids, IGNORE_INDEX (-100) where no loss is wanted; shifted inside (mask
+        the first token of each packed document, whose label the previous document would predict).
         use_cache: create a HybridCache if none is given and return it.
         router_losses: compute the MoE load-balancing / z losses and routing stats (``aux_loss``,
         ``moe_stats``); by default when training or when labels are given, so inference skips them.
+        seq_idx: (b, T) long, each token's document within its row, for packed sequences
+        (``turbos.model.context``); positions then restart at 0 in every document.
         """
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(self.config, input_ids.shape[0], device=input_ids.device)
         if router_losses is None:
             router_losses = self.training or labels is not None
         hidden, aux, stats = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, router_losses
+            input_ids, attention_mask, position_ids, past_key_values, router_losses, seq_idx
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -261,7 +329,10 @@ class TurboSForCausalLM(nn.Module):
         if not weights.exists():
             raise FileNotFoundError(f"no model.safetensors in {directory}")
         model = cls(config)
-        state = load_file(str(weights), device=str(device))
+        try:
+            state = load_file(str(weights), device=str(device))
+        except SafetensorError as err:
+            raise DamagedFileError(weights, err) from None
         strict_keys = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
         missing, unexpected = strict_keys - set(state), set(state) - set(model.state_dict())
         if missing or unexpected:

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbos.config import TurboSConfig
-from turbos.kernels.ssd import ssd_chunk_scan, ssd_step, ssd_update_
+from turbos.kernels.conv import causal_conv1d
+from turbos.kernels.ssd import ssd_scan, ssd_step, ssd_update_
 from turbos.model.cache import MambaCache
+from turbos.model.context import LayerContext
 from turbos.model.norm import GatedRMSNorm
 
 
@@ -33,6 +35,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = config.mamba_conv_dim
         self.conv_kernel = config.mamba_conv_kernel
         self.time_step_limit = tuple(config.time_step_limit)
+        self.time_step_init = (config.time_step_min, config.time_step_max, config.time_step_floor)
 
         self.in_proj = nn.Linear(
             config.hidden_size,
@@ -47,62 +50,57 @@ class Mamba2Mixer(nn.Module):
             padding=self.conv_kernel - 1,
             bias=config.mamba_conv_bias,
         )
-        # SSM parameters: no weight decay on any of them (marked for the optimizer).
+        # SSM parameters (initialised by reset_parameters, no weight decay).
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
-        self.reset_ssm_parameters(config)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, config: TurboSConfig) -> None:
-        """Mamba2 init: A ~ U[1, 16]; dt log-uniform in [time_step_min, time_step_max]; D = 1."""
-        self.A_log.copy_(torch.empty(self.num_heads).uniform_(1, 16).log())
-        lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
-        dt = torch.exp(torch.rand(self.num_heads) * (hi - lo) + lo).clamp(min=config.time_step_floor)
+    def reset_parameters(self) -> None:
+        """Mamba2's SSM init: A ~ U[1, 16]; dt log-uniform in [time_step_min, time_step_max]; D = 1.
+
+        Also marks the three for no weight decay (the optimizer reads the mark), here so that a
+        meta-built model, whose parameters ``to_empty`` replaces, is marked again."""
+        device = self.A_log.device
+        self.A_log.copy_(torch.empty(self.num_heads, device=device).uniform_(1, 16).log())
+        t_min, t_max, t_floor = self.time_step_init
+        lo, hi = math.log(t_min), math.log(t_max)
+        dt = torch.exp(torch.rand(self.num_heads, device=device) * (hi - lo) + lo).clamp(min=t_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
         self.D.fill_(1.0)
-
-    def _conv(self, xbc: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
-        """Causal depthwise conv over time, before SiLU. xbc: (b, T, conv_dim) -> same shape.
-
-        Written as K shifted multiply-adds in the (time, channel) layout: on CPU this is about twice
-        as fast as a grouped conv1d plus the two transposes it needs, and prefill and decode share it.
-        """
-        T, K = xbc.shape[1], self.conv_kernel
-        if cache is None:
-            window = F.pad(xbc, (0, 0, K - 1, 0))
-        else:
-            window = torch.cat([cache.conv_state.to(xbc.dtype), xbc], dim=1)  # (b, K-1+T, conv_dim)
-            cache.conv_state = window[:, window.shape[1] - (K - 1) :].to(torch.float32, copy=True)
-        weight = self.conv1d.weight[:, 0].to(xbc.dtype)  # (conv_dim, K)
-        if self.conv1d.bias is None:
-            out = window[:, K - 1 :] * weight[:, K - 1]
-        else:
-            out = torch.addcmul(self.conv1d.bias.to(xbc.dtype), window[:, K - 1 :], weight[:, K - 1])
-        for j in range(K - 1):
-            out = out.addcmul(window[:, j : j + T], weight[:, j])
-        return out
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cache: MambaCache | None = None,
-        token_mask: torch.Tensor | None = None,
+        self, hidden_states: torch.Tensor, ctx: LayerContext | None = None, cache: MambaCache | None = None
     ) -> torch.Tensor:
-        """hidden_states (b, T, hidden); token_mask (b, T), 0 on padding. Updates ``cache`` in place."""
+        """hidden_states (b, T, hidden) -> (b, T, hidden). From ``ctx`` (None: one unpadded document
+        per row): token_mask (b, T), 0 on padding; seq_idx (b, T), the documents, which neither the
+        conv nor the state crosses; new_document (b,), rows whose cached state is dropped first.
+        Updates ``cache`` in place to the state of each row's last document."""
         b, T, _ = hidden_states.shape
         dtype = hidden_states.dtype
+        token_mask = seq_idx = None
+        if ctx is not None:
+            token_mask, seq_idx = ctx.token_mask, ctx.seq_idx
+            if cache is not None and ctx.new_document is not None:
+                keep = (~ctx.new_document).to(torch.float32)
+                cache.conv_state = cache.conv_state * keep[:, None, None]
+                cache.ssm_state = cache.ssm_state * keep[:, None, None, None]
         mask = None if token_mask is None else token_mask[..., None].to(dtype)
         if mask is not None:  # padding must not reach the state (zeros leave it untouched)
             hidden_states = hidden_states * mask
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if mask is not None:
             xbc = xbc * mask
-        xbc = F.silu(self._conv(xbc, cache))
+        conv_in = None if cache is None else cache.conv_state
+        xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, conv_in, seq_idx)
+        if cache is not None:
+            cache.conv_state = conv_state.to(torch.float32, copy=True)
+        xbc = F.silu(xbc)
         if mask is not None:
             xbc = xbc * mask
         x, B, C = xbc.split(
@@ -129,7 +127,7 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             initial = None if cache is None else cache.ssm_state
-            y, state = ssd_chunk_scan(x, dt, A, B, C, self.chunk_size, self.D, initial)
+            y, state = ssd_scan(x, dt, A, B, C, self.D, initial, seq_idx, self.chunk_size)
             if cache is not None:
                 cache.ssm_state = state
         y = self.norm(y.reshape(b, T, self.d_inner), z)  # fp32 in, fp32 out

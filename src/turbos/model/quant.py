@@ -73,7 +73,7 @@ class Int8RoutedExperts(RoutedExperts):
 
     def __init__(self, experts: RoutedExperts) -> None:
         nn.Module.__init__(self)
-        self.num_experts = experts.num_experts
+        self.num_experts, self.intermediate_size = experts.num_experts, experts.intermediate_size
         for name in ("gate_up_proj", "down_proj"):
             qweight, scale = quantize_rows(getattr(experts, name))
             self.register_buffer(f"{name}_q", qweight)

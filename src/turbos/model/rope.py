@@ -24,18 +24,28 @@ class RotaryEmbedding(nn.Module):
         self.set_alpha(theta, alpha)
 
     def set_alpha(self, theta: float, alpha: float) -> None:
-        """Recompute the frequencies, e.g. when a long-context stage changes alpha."""
+        """Recompute the frequencies, e.g. when a long-context stage changes alpha.
+
+        Computed on the CPU whatever the device, so the table is the same everywhere (and a meta
+        build's ``reset_parameters`` gives bitwise the table of a normal build)."""
+        self.theta, self.alpha = theta, alpha
         base = ntk_alpha_base(theta, alpha, self.head_dim)
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-        device = self.inv_freq.device if hasattr(self, "inv_freq") else None
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu") / self.head_dim
+        device = self.inv_freq.device if hasattr(self, "inv_freq") else torch.get_default_device()
         self.register_buffer("inv_freq", (1.0 / base**exponent).to(device), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequency table, e.g. after ``to_empty``."""
+        self.set_alpha(self.theta, self.alpha)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         """Moves follow the model, dtype casts do not: the frequencies stay float32. In bf16 they
-        would be off by up to 0.4% each, which turns into radians of angle error at long range."""
+        would be off by up to 0.4% each, which turns into radians of angle error at long range.
+        A meta table has no values to keep (``to_empty`` then ``reset_parameters`` refills it)."""
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        if not inv_freq.is_meta:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

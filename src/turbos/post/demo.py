@@ -18,110 +18,73 @@ resumes from its latest checkpoint when re-run with the same settings.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from turbos.data.tasks import generate_problems
 from turbos.post.chat_data import general_records, short_cot_records, write_records
 from turbos.post.cot_fusion import BuiltinTeacher, fuse_dataset, write_jsonl
 from turbos.post.sft import SFTRecipe
+from turbos.settings import apply_overrides, check_settings, parse_settings, setting
+from turbos.train.loop import Interrupted, deferred_interrupts, signal_number
 from turbos.train.plots import pyplot, save_figure
-from turbos.train.recipe import yaml_number
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 
 
 @dataclass
 class DemoSettings:
-    families: tuple[str, ...] = ("add", "expr")
-    levels: tuple[int, ...] = (1, 2, 3, 4)
+    families: tuple[str, ...] = setting(("add", "expr"), nonempty=True)
+    levels: tuple[int, ...] = setting((1, 2, 3, 4), nonempty=True)
     pretrain_overrides: list[str] = field(default_factory=list)
-    short_problems: int = 4000
-    short_steps: int = 2000
-    fusion_problems: int = 3000
-    fusion_samples: int = 4
+    """``key.sub=value`` changes to the pre-training recipe (``turbos.train.recipe.load_recipe``)."""
+    short_problems: int = setting(4000, ge=1)
+    short_steps: int = setting(2000, ge=1)
+    fusion_problems: int = setting(3000, ge=1)
+    fusion_samples: int = setting(4, ge=0)
     """Sampled answers (temperature ``fusion_temperature``) the short model gives besides its greedy
     one; a problem is "solved" (short response) only when all are right. 0: greedy only."""
-    fusion_temperature: float = 0.7
-    fusion_check_share: float = 0.0
+    fusion_temperature: float = setting(0.7, ge=0)
+    fusion_check_share: float = setting(0.0, ge=0, le=1)
     """Share of solved problems whose right short answer is checked in a think block, so forced
     thinking on easy problems stays in distribution (``turbos.post.cot_fusion``). Off by default,
     as in the report's fusion: 0.1 fixed forced thinking on easy additions in 4 runs of 4, and
-    auto then trailed think by 13-20 points (README)."""
-    general_chats: int = 600
-    adaptive_steps: int = 1000
-    adaptive_from: str = "base"
+    auto then trailed think by 13-20 points (docs/adaptive-cot.md)."""
+    general_chats: int = setting(600, ge=0)
+    adaptive_steps: int = setting(1000, ge=1)
+    adaptive_from: Literal["base", "short"] = "base"
     """Model the adaptive SFT starts from: "base" (the pre-trained model, as the report does) or
     "short" (the short-CoT model, keeping its direct-answer skill; an ablation)."""
-    adaptive_loss: str = "sequence"
+    adaptive_loss: Literal["token", "sequence"] = "sequence"
     """Loss normalization of the adaptive SFT (``SFTRecipe.loss_normalization``): "sequence" lets a
     short direct answer count as much as a long fused response; "token" weighs by length."""
-    sft_batch: int = 32
-    sft_lr: float = 2e-3
-    eval_per_level: int = 60
-    max_tokens: int = 200
+    sft_batch: int = setting(32, ge=1)
+    sft_lr: float = setting(2e-3, gt=0)
+    eval_per_level: int = setting(60, ge=1)
+    max_tokens: int = setting(200, ge=1)
     seed: int = 0
 
     def __post_init__(self) -> None:
         # Checked before any stage runs, not when the adaptive SFT is reached minutes later.
-        if self.adaptive_from not in ("base", "short"):
-            raise ValueError(f"adaptive_from must be 'base' or 'short', got {self.adaptive_from!r}")
-        if self.adaptive_loss not in ("token", "sequence"):
-            raise ValueError(f"adaptive_loss must be 'token' or 'sequence', got {self.adaptive_loss!r}")
-        if not 0.0 <= self.fusion_check_share <= 1.0:
-            raise ValueError(f"fusion_check_share must be in [0, 1], got {self.fusion_check_share}")
-        if not self.families or not self.levels:
-            raise ValueError("families and levels must not be empty")
+        check_settings(self, "demo settings")
         generate_problems(0, families=self.families, levels=self.levels)  # unknown ones fail here
-        for name, least in _LEAST.items():
-            if getattr(self, name) < least:
-                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
-        if not (math.isfinite(self.fusion_temperature) and self.fusion_temperature >= 0):
-            raise ValueError(f"fusion_temperature must be finite and >= 0, got {self.fusion_temperature}")
-        if not (math.isfinite(self.sft_lr) and self.sft_lr > 0):
-            raise ValueError(f"sft_lr must be finite and > 0, got {self.sft_lr}")
 
     @classmethod
     def load(cls, path: str | Path) -> DemoSettings:
         """The settings a demo run saved (its ``settings.json``)."""
-        return cls().replaced(json.loads(Path(path).read_text()))
+        return parse_settings(cls, json.loads(Path(path).read_text()), "demo settings")
 
     def replaced(self, changes: dict[str, Any]) -> DemoSettings:
         """A copy with ``changes`` (from JSON or YAML: lists for tuples, and number strings such as
-        ``1e-3``, which YAML reads as text, for floats), type-checked by field."""
-        known = {f.name: getattr(self, f.name) for f in fields(self)}
-        checked = {}
-        for key, value in changes.items():
-            if key not in known:
-                raise ValueError(f"unknown demo setting {key!r}; valid: {sorted(known)}")
-            default = known[key]
-            if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
-                kind = _ITEM_TYPES[key]
-                if any(type(item) is not kind for item in value):
-                    raise ValueError(f"demo setting {key} must be a list of {kind.__name__}, got {value!r}")
-                value = type(default)(value)
-            elif isinstance(default, float) and (number := yaml_number(value)) is not None:
-                value = float(number)  # an int, or a number string such as "1e-3"
-            if type(value) is not type(default):
-                raise ValueError(f"demo setting {key} must be {type(default).__name__}, got {value!r}")
-            checked[key] = value
-        return replace(self, **checked)  # __post_init__ checks the values
+        ``1e-3``, which YAML reads as text, for floats), checked as ``load`` checks them."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return parse_settings(type(self), {**current, **changes}, "demo settings")
 
     def with_overrides(self, overrides: list[str]) -> DemoSettings:
-        """``key=value`` strings (values parsed as YAML), e.g. ``adaptive_loss=token``."""
-        changes = {}
-        for item in overrides:
-            key, eq, text = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"demo override {item!r} must look like key=value")
-            changes[key.strip()] = yaml.safe_load(text)
-        return self.replaced(changes)
+        """``key=value`` strings (values parsed as YAML), e.g. ``adaptive_loss=token`` or ``levels.0=2``."""
+        return self.replaced(apply_overrides(json.loads(json.dumps(asdict(self))), overrides))
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -149,20 +112,6 @@ class DemoSettings:
             max_tokens=48,
         )
 
-
-_ITEM_TYPES = {"families": str, "levels": int, "pretrain_overrides": str}  # DemoSettings' sequences
-# The least value of each integer setting (``seed`` may be any integer).
-_LEAST = {
-    "short_problems": 1,
-    "short_steps": 1,
-    "fusion_problems": 1,
-    "fusion_samples": 0,
-    "general_chats": 0,
-    "adaptive_steps": 1,
-    "sft_batch": 1,
-    "eval_per_level": 1,
-    "max_tokens": 1,
-}
 
 # The settings each stage depends on (a change redoes that stage and every later one).
 STAGE_SETTINGS = {
@@ -195,7 +144,9 @@ def _stage(
     """Run a stage or reuse it; returns (result, whether it ran).
 
     ``run(resume)``: ``resume`` is True when this stage was started before with the same inputs
-    (and no earlier stage was redone since), so its checkpoints may be continued.
+    (and no earlier stage was redone since), so its checkpoints may be continued. An interrupt
+    becomes an ``Interrupted`` naming the stage and what it saved: running the demo again with the
+    same arguments reuses the finished stages and continues this one.
     """
     previous = None if redo else _finished(folder, inputs)
     if previous is not None:
@@ -207,12 +158,24 @@ def _stage(
     resume = not redo and started.is_file() and json.loads(started.read_text()) == inputs
     folder.mkdir(parents=True, exist_ok=True)
     started.write_text(json.dumps(inputs, indent=2) + "\n")
-    result = run(resume)
+    try:
+        result = run(resume)
+    except KeyboardInterrupt as err:
+        raise _stage_interrupted(err, index, title) from None
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["inputs"] = inputs
-    (folder / "done.json").write_text(json.dumps(result, indent=2) + "\n")
+    with deferred_interrupts():  # never half a done.json
+        (folder / "done.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"[{index}/5] {title}: done in {result['wall_s']:.0f} s", flush=True)
     return result, True
+
+
+def _stage_interrupted(err: KeyboardInterrupt, index: int, title: str) -> Interrupted:
+    """An interrupt of stage ``index``, with where its training stopped and what it saved."""
+    inner = err if isinstance(err, Interrupted) else Interrupted(signal_number(err))
+    where = f"in stage {index}/5 ({title})" + (f" {inner.where}" if inner.where else "")
+    saved = inner.saved or "nothing saved for this stage, which starts again (finished stages are kept)"
+    return Interrupted(inner.signum, where, saved, inner.checkpoint)
 
 
 def _sft_recipe(
@@ -371,23 +334,16 @@ def evaluate_adaptive(model_dir: Path, settings: DemoSettings, out: Path) -> dic
     return {"results": results, "targets": check_targets(results), "table": format_table(results)}
 
 
-# The issue's targets: think's gain over no_think on the hardest level; auto's accuracy drop and
-# token share against think; auto's thinking rates on the hardest and the easiest level.
+# The demo's three targets for the adaptive model: think's gain over no_think on the hardest level;
+# auto's accuracy drop and token share against think; auto's thinking rates on the hardest and the
+# easiest level.
 MIN_THINK_GAIN, MAX_DROP, MAX_TOKEN_RATIO = 0.20, 0.03, 0.60
 HARDEST_THINK_RATE, EASIEST_THINK_RATE = 0.8, 0.2
 
 
-def target_think_bounds(levels: Iterable[int]) -> dict[int, tuple[float, float]]:
-    """The thinking-rate target as routing bounds (``turbos.post.routing``): think on at least
-    80% of the hardest level and at most 20% of the easiest."""
-    levels = sorted(set(levels))
-    if len(levels) < 2:
-        return {}
-    return {levels[-1]: (HARDEST_THINK_RATE, 1.0), levels[0]: (0.0, EASIEST_THINK_RATE)}
-
-
 def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's three claims about the adaptive model, measured."""
+    """The three claims the demo makes about the adaptive model (adaptive CoT, report §3.2),
+    measured on evaluation results by mode."""
     levels = sorted(results["auto"]["by_level"], key=int)
     hard, easy = levels[-1], levels[0]
     think, no_think, auto = results["think"], results["no_think"], results["auto"]
@@ -465,11 +421,7 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
             for k, v in evaluation["targets"].items()
         ],
         "",
-        *(
-            routing_report(rows, MAX_DROP, target_think_bounds(r["level"] for r in rows), MAX_TOKEN_RATIO)
-            if rows
-            else []
-        ),
+        *(routing_report(rows) if rows else []),
         "![accuracy vs tokens](accuracy_vs_tokens.png) ![thinking rate](think_rate.png)",
         "",
     ]

@@ -9,14 +9,13 @@ from the built-in tasks (test split: never seen in training) or from a user JSON
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from turbos.data.jsonl import JsonlError, read_jsonl
 from turbos.data.tasks import Problem, generate_problems, normalize_answer, verify
 from turbos.serve import LLMEngine, SamplingParams
 from turbos.serve.chat_template import THINKING_MODES, prepare_chat
@@ -52,32 +51,23 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
     """User problems: JSONL with ``question`` and ``answer`` (optional integer ``level``, string
     ``family``, and ``id``, a string or an integer, unique; default the line number). ValueError
     naming the file and line for a bad record, and for a file with no problems."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no problems file {str(path)!r}")
     problems, lines_of = [], {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) for k in ("question", "answer")
-        ):
-            raise ValueError(f"{path}:{number}: need string fields 'question' and 'answer'")
+    for number, record in read_jsonl(path, "problems"):
+        if not all(isinstance(record.get(k), str) for k in ("question", "answer")):
+            raise JsonlError(path, number, "need string fields 'question' and 'answer'")
         level, family, uid = record.get("level", 0), record.get("family", "user"), record.get("id", number)
         if type(level) is not int:
-            raise ValueError(f"{path}:{number}: 'level' must be an integer, got {level!r}")
+            raise JsonlError(path, number, f"'level' must be an integer, got {level!r}")
         if not isinstance(family, str):
-            raise ValueError(f"{path}:{number}: 'family' must be a string, got {family!r}")
+            raise JsonlError(path, number, f"'family' must be a string, got {family!r}")
         if type(uid) not in (int, str):
-            raise ValueError(f"{path}:{number}: 'id' must be a string or an integer, got {uid!r}")
+            raise JsonlError(path, number, f"'id' must be a string or an integer, got {uid!r}")
         if str(uid) in lines_of:
-            raise ValueError(
-                f"{path}:{number}: id {str(uid)!r} repeats line {lines_of[str(uid)]}'s "
-                "(a record with no id has its line number)"
+            raise JsonlError(
+                path,
+                number,
+                f"id {str(uid)!r} repeats line {lines_of[str(uid)]}'s "
+                "(a record with no id has its line number)",
             )
         lines_of[str(uid)] = number
         problems.append(

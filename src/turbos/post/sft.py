@@ -10,11 +10,14 @@ assistant turns before the last user message (the model never sees it there), so
 had reasoning carries no loss: training its bare answer would teach answering without thinking.
 A conversation with no reply left to train is an error.
 
-One conversation per row, right-padded: no attention between samples and every Mamba2 state starts
-from zero, at the cost of padding. (Packing several conversations into a row would need
-per-sample state resets inside the scan; at the lengths SFT uses here, padding is cheaper to get
-right.) Several datasets mix by weight: each row's dataset is drawn with probability weight / sum;
-a dataset left with no conversation (an empty file, or all longer than ``max_len``) is an error.
+A step draws ``batch_size`` conversations and packs them first-fit decreasing into rows as wide
+as the longest (``packing``, the default), right-padded: each conversation sees only itself (the
+model's ``seq_idx``: attention, Mamba2 conv and state restart, positions from 0), so the loss and
+gradients are those of one conversation per row (``packing: false``; up to rounding and MoE
+capacity overflow) with fewer rows and less padding. Several datasets mix by weight: each
+conversation's dataset is drawn with probability weight / sum; a dataset left with no
+conversation (an empty file, or all longer than ``max_len``) is an error. Training runs on the
+shared loop (``turbos.train.loop``).
 
 A finished run (``OUTPUT_DIR/model`` or ``sft_summary.json``) is not started again over itself
 unless ``overwrite``; resuming it from its latest checkpoint reports it finished and changes nothing.
@@ -28,18 +31,20 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
-from tqdm.auto import tqdm
+from torch import nn
 
 from turbos.config import ConfigError
+from turbos.data.jsonl import JsonlError, read_jsonl
+from turbos.data.packing import first_fit_decreasing
 from turbos.data.tokenizer import (
     ASSISTANT_TOKEN,
     END_TOKEN,
@@ -49,14 +54,17 @@ from turbos.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
+from turbos.device import resolve_device
 from turbos.model import TurboSForCausalLM
+from turbos.model.context import seq_idx_from_lengths
 from turbos.model.hybrid import IGNORE_INDEX
 from turbos.serve.chat_template import assistant_parts, render_chat, save_chat_template
-from turbos.train.checkpoint import load_checkpoint, open_run_dir, save_checkpoint
-from turbos.train.evaluate import autocast_context, resolve_device
-from turbos.train.metrics import MetricsLog, summarize_moe
-from turbos.train.optim import build_optimizer, expert_lr_scale, set_lr
-from turbos.train.recipe import RecipeError, apply_overrides, coerce_fields
+from turbos.settings import apply_overrides, check_settings, parse_settings, read_yaml, setting
+from turbos.train.checkpoint import open_run_dir, recipe_state
+from turbos.train.loop import LoopSettings, LossFn, TrainLoop
+from turbos.train.metrics import moe_counts
+from turbos.train.optim import build_optimizer, expert_lr_scale
+from turbos.train.schedule import LRSchedule
 
 SUMMARY_FILE = "sft_summary.json"
 MODEL_DIR = "model"
@@ -65,7 +73,9 @@ MODEL_DIR = "model"
 @dataclass
 class SFTDataset:
     path: str
-    weight: float = 1.0
+    """A chat JSONL file (``read_conversations``)."""
+    weight: float = setting(1.0, gt=0)
+    """This dataset supplies weight / (sum of the weights) of the rows."""
 
 
 @dataclass
@@ -73,126 +83,91 @@ class SFTRecipe:
     """An SFT run. ``model``: a directory with config.json, model.safetensors and tokenizer files."""
 
     model: str
-    data: list[SFTDataset]
+    data: list[SFTDataset] = setting(nonempty=True)
     output_dir: str
-    max_len: int = 512
-    batch_size: int = 16
-    steps: int = 200
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    max_len: int = setting(512, gt=0)
+    batch_size: int = setting(16, gt=0)
+    steps: int = setting(200, gt=0)
+    lr: float = setting(1e-3, gt=0)
+    min_lr: float = setting(1e-4, gt=0)
+    """Where the cosine decay ends (at most ``lr``)."""
+    warmup_steps: int = setting(20, ge=0)
+    """Linear warm-up steps (fewer than ``steps``)."""
+    weight_decay: float = setting(0.1, ge=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), ge=0, lt=1)
+    grad_clip: float = setting(1.0, ge=0)
     """Max global grad norm; 0 disables clipping."""
-    expert_lr: str = "sqrt"
-    loss_normalization: str = "token"
+    expert_lr: Literal["sqrt", "linear", "none"] = "sqrt"
+    """Routed-expert LR rule, see ``turbos.train.optim.expert_lr_scale``."""
+    loss_normalization: Literal["token", "sequence"] = "token"
     """"token": the batch loss is the mean over all target tokens (long replies weigh more);
     "sequence": the mean over replies of each reply's mean token loss (every example counts alike,
     however long). The logged ``lm_loss`` is the one optimized."""
-    group_by_length: int = 8
+    group_by_length: int = setting(8, gt=0)
     """Rows are drawn this many batches at a time, sorted by length and cut into batches visited in
     random order (Hugging Face's ``group_by_length``), so a batch pads to similar lengths; 1 draws
     each batch on its own. On data mixing short and long replies this halves the padded tokens.
     Batch losses are weighted by target tokens so that every token counts alike (``batch_rows``)."""
-    checkpoint_interval: int = 0
+    packing: bool = True
+    """Pack a step's conversations first-fit decreasing into rows as wide as its longest one (each
+    sees only itself, ``seq_idx``); false: one conversation per row. The same conversations and
+    loss either way (up to rounding, and to which tokens overflow an expert's capacity: that
+    follows their order); packed, fewer rows and padded tokens, and no row wider than one
+    conversation's own (attention costs grow with the square of the width). It pays most without
+    length grouping (``group_by_length: 1``), where one per row pads every short reply to the
+    longest (``benchmarks/sft_packing.py``)."""
+    checkpoint_interval: int = setting(0, ge=0)
     """0: only the final model is written."""
-    keep_last: int = 1
+    keep_last: int = setting(1, ge=0)
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into the run directory (e.g. which stage of a pipeline)."""
 
     def __post_init__(self) -> None:
-        try:
-            coerce_fields(self)  # types; numbers YAML read as strings ("1e-4") become numbers
-        except RecipeError as err:
-            raise ConfigError(f"sft recipe: {err}") from err
-        if not self.data:
-            raise ConfigError("sft recipe: data needs at least one {path, weight} entry")
-        for i, d in enumerate(self.data):
-            if d.weight <= 0:
-                raise ConfigError(f"sft recipe: data[{i}].weight of {d.path} must be > 0, got {d.weight}")
-        for name in ("max_len", "batch_size", "steps", "group_by_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"sft recipe: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("checkpoint_interval", "keep_last", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"sft recipe: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps < self.steps:
+        check_settings(self, "sft recipe")  # types and ranges; "1e-4" (text to YAML) is a number
+        if self.warmup_steps >= self.steps:
             raise ConfigError(
                 f"sft recipe: warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
             )
-        if not all(0 <= beta < 1 for beta in self.betas):
-            raise ConfigError(f"sft recipe: betas must be in [0, 1), got {list(self.betas)}")
-        if self.loss_normalization not in ("token", "sequence"):
-            raise ConfigError(
-                "sft recipe: loss_normalization must be 'token' or 'sequence', "
-                f"got {self.loss_normalization!r}"
-            )
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(
-                f"sft recipe: precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}"
-            )
-        if not 0 < self.min_lr <= self.lr:
-            raise ConfigError("sft recipe: need 0 < min_lr <= lr")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"sft recipe: min_lr={self.min_lr} exceeds lr={self.lr}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SFTRecipe:
-        try:
-            return cls(**_known(raw, cls))
-        except TypeError as err:
-            raise ConfigError(f"sft recipe: {err}") from err
+        """A recipe from a plain mapping (YAML or JSON), every value checked by its field."""
+        return parse_settings(cls, raw, "sft recipe")
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> SFTRecipe:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no recipe file {str(path)!r}")
-        return cls.from_dict(apply_overrides(yaml.safe_load(path.read_text()) or {}, list(overrides)))
-
-
-def _known(raw: dict[str, Any], cls: type) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
-    return raw
+        """A YAML recipe file, with ``key=value`` overrides (values read as YAML) applied."""
+        return cls.from_dict(apply_overrides(read_yaml(path, "recipe"), overrides))
 
 
 # ------------------------------------------------------------------------------------------ data
 def read_conversations(path: str | os.PathLike) -> list[list[dict[str, Any]]]:
-    """Conversations of a chat JSONL file, checked line by line with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no chat data file {str(path)!r}")
+    """Conversations of a chat JSONL file, checked line by line; errors name the file and line."""
     out = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from err
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where}: needs a non-empty 'messages' list")
-            for m in messages:
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                    raise ValueError(f"{where}: each message needs role system, user or assistant")
-                if not isinstance(m.get("content"), str):
-                    raise ValueError(f"{where}: message content must be a string")
-                if not isinstance(m.get("reasoning_content", ""), str | None):
-                    raise ValueError(f"{where}: reasoning_content must be a string")
-            if not any(trained_turns(messages)):
-                raise ValueError(
-                    f"{where}: no assistant reply to learn from (replies before the last user message "
-                    "whose reasoning the chat template drops are not trained)"
-                )
-            out.append(messages)
+    for number, record in read_jsonl(path, "chat data"):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise JsonlError(path, number, "needs a non-empty 'messages' list")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise JsonlError(path, number, "each message needs role system, user or assistant")
+            if not isinstance(m.get("content"), str):
+                raise JsonlError(path, number, "message content must be a string")
+            if not isinstance(m.get("reasoning_content", ""), str | None):
+                raise JsonlError(path, number, "reasoning_content must be a string")
+        if not any(trained_turns(messages)):
+            raise JsonlError(
+                path,
+                number,
+                "no assistant reply to learn from (replies before the last user message whose "
+                "reasoning the chat template drops are not trained)",
+            )
+        out.append(messages)
     return out
 
 
@@ -274,21 +249,58 @@ def encode_datasets(datasets: Sequence[SFTDataset], tokenizer: Tokenizer, max_le
     return data
 
 
-def collate(ids: Sequence[list[int]], labels: Sequence[list[int]]) -> tuple[torch.Tensor, ...]:
-    """Right-padded (input_ids, attention_mask, labels)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), PAD_ID)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    target = torch.full((len(ids), width), IGNORE_INDEX)
-    for row, (x, y) in enumerate(zip(ids, labels, strict=True)):
-        input_ids[row, : len(x)] = torch.tensor(x)
-        mask[row, : len(x)] = 1
-        target[row, : len(y)] = torch.tensor(y)
-    return input_ids, mask, target
+@dataclass
+class ChatBatch:
+    """One SFT micro-batch: rows of token ids, right-padded to the longest."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    """IGNORE_INDEX outside the trained replies, on padding and on each conversation's first token
+    (the target its packed predecessor would predict)."""
+    attention_mask: torch.Tensor
+    """1 on real tokens, 0 on padding."""
+    seq_idx: torch.Tensor | None
+    """Each token's conversation within its row (packed rows; padding counts as the last one);
+    None with one conversation per row."""
+    num_tokens: int
+    """Real tokens (padding excluded)."""
+    weight: float = 1.0
+    """The factor of the batch's mean loss (``batch_rows``)."""
+
+    def to(self, device: torch.device) -> ChatBatch:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            labels=self.labels.to(device),
+            attention_mask=self.attention_mask.to(device),
+            seq_idx=None if self.seq_idx is None else self.seq_idx.to(device),
+        )
 
 
-def row_sampler(data: EncodedData, weights: Sequence[float], seed: int) -> torch.Tensor:
-    """Per-row probabilities so that dataset d supplies weight_d / sum(weights) of the rows."""
+def collate(
+    ids: Sequence[list[int]], labels: Sequence[list[int]], pack_len: int | None = None, weight: float = 1.0
+) -> ChatBatch:
+    """Conversations as one right-padded micro-batch: one per row, or with ``pack_len`` packed into
+    as few rows of at most that many tokens as first-fit decreasing finds, back to back."""
+    lengths = [len(x) for x in ids]
+    rows = first_fit_decreasing(lengths, pack_len) if pack_len else [[i] for i in range(len(ids))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE_INDEX)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            input_ids[r, at : at + lengths[i]] = torch.tensor(ids[i])
+            target[r, at + 1 : at + lengths[i]] = torch.tensor(labels[i][1:])
+            at += lengths[i]
+        mask[r, :at] = 1
+    seq_idx = seq_idx_from_lengths([[lengths[i] for i in row] for row in rows], width) if pack_len else None
+    return ChatBatch(input_ids, target, mask, seq_idx, sum(lengths), weight)
+
+
+def row_sampler(data: EncodedData, weights: Sequence[float]) -> torch.Tensor:
+    """Per-conversation probabilities so that dataset d supplies weight_d / sum(weights) of them."""
     counts = torch.bincount(torch.tensor(data.source), minlength=len(weights)).double()
     w = torch.tensor(weights, dtype=torch.double)
     per_row = (w / counts)[torch.tensor(data.source)]
@@ -303,12 +315,12 @@ def batch_rows(
     group: int,
     generator: torch.Generator,
 ) -> Iterator[tuple[list[int], float]]:
-    """Endless (row indices, loss weight) batches drawn with replacement from ``probs``.
+    """Endless (conversation indices, loss weight) batches drawn with replacement from ``probs``.
 
     ``group`` batches at a time are sorted by ``lengths`` and visited in random order. Each batch's
-    mean token loss is weighted by its share of the group's target tokens (``targets`` per row),
-    so every target token counts alike, as in unsorted batches: otherwise a batch of short replies
-    would weigh as much as one of long replies with ten times the tokens.
+    mean token loss is weighted by its share of the group's target tokens (``targets`` per
+    conversation), so every target token counts alike, as in unsorted batches: otherwise a batch
+    of short replies would weigh as much as one of long replies with ten times the tokens.
     """
     lengths, targets = torch.tensor(lengths), torch.tensor(targets, dtype=torch.float64)
     while True:
@@ -321,23 +333,98 @@ def batch_rows(
             yield rows[b * batch_size : (b + 1) * batch_size].tolist(), float(per_batch[b] / mean)
 
 
+class ChatBatches:
+    """The SFT batch source: a step's ``batch_size`` conversations drawn by ``batch_rows`` (seeded
+    by the recipe) and collated, with ``recipe.packing`` packed into rows as wide as the longest of
+    them. Its position is the number of batches drawn; restoring one replays the draws (cheap: no
+    tokenizing)."""
+
+    def __init__(self, data: EncodedData, recipe: SFTRecipe) -> None:
+        self.data, self.recipe = data, recipe
+        self.probs = row_sampler(data, [d.weight for d in recipe.data])
+        self._restart()
+
+    def _restart(self) -> None:
+        recipe, per_sequence = self.recipe, self.recipe.loss_normalization == "sequence"
+        self.drawn = 0
+        self._draws = batch_rows(
+            self.probs,
+            [len(x) for x in self.data.ids],
+            [1 if per_sequence else sum(t != IGNORE_INDEX for t in y) for y in self.data.labels],
+            recipe.batch_size,
+            recipe.group_by_length,
+            torch.Generator().manual_seed(recipe.seed),
+        )
+
+    def __next__(self) -> ChatBatch:
+        rows, weight = next(self._draws)
+        self.drawn += 1
+        ids, labels = [self.data.ids[i] for i in rows], [self.data.labels[i] for i in rows]
+        return collate(ids, labels, max(map(len, ids)) if self.recipe.packing else None, weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restart()
+        for _ in range(state["batches"]):
+            next(self._draws)
+        self.drawn = state["batches"]
+
+
 # ----------------------------------------------------------------------------------------- train
-def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss averaged per row over its target tokens, then over rows that have any."""
+def sequence_mean_loss(
+    logits: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token loss averaged per conversation over its target tokens, then over conversations
+    that have any. A conversation is a row, or with ``seq_idx`` (packed rows) a document of one."""
     targets = labels[:, 1:]
     losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(targets)
-    counts = (targets != IGNORE_INDEX).sum(1)
+    if seq_idx is None:
+        counts = (targets != IGNORE_INDEX).sum(1)
+        has = counts > 0
+        return (losses.sum(1)[has] / counts[has]).mean()
+    # Number the conversations of all rows apart (a row of width W holds fewer than W of them);
+    # the losses of ignored targets are 0. No boolean indexing: nothing waits for the device.
+    rows, width = targets.shape
+    conversation = (seq_idx[:, 1:] + width * torch.arange(rows, device=seq_idx.device)[:, None]).flatten()
+    sums = losses.new_zeros(rows * width).index_add_(0, conversation, losses.flatten())
+    counts = losses.new_zeros(rows * width).index_add_(
+        0, conversation, (targets != IGNORE_INDEX).flatten().float()
+    )
     has = counts > 0
-    return (losses.sum(1)[has] / counts[has]).mean()
+    return torch.where(has, sums / counts.clamp(min=1), 0).sum() / has.sum()
 
 
-def cosine_lr(step: int, recipe: SFTRecipe) -> float:
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps + 1) / max(1, recipe.steps - recipe.warmup_steps)
-    return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def sft_loss_fn(per_sequence: bool) -> LossFn:
+    """SFT's loss on a ``ChatBatch``: the assistant-token loss (mean over tokens, or with
+    ``per_sequence`` over conversations, ``sequence_mean_loss``) times the batch weight, plus the
+    MoE aux loss; logged with its parts and the routing counts."""
+
+    def loss_fn(model: nn.Module, batch: ChatBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Sequence loss is computed here from the logits, so the model need not compute the token
+        # loss as well.
+        result = model(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=None if per_sequence else batch.labels,
+            router_losses=True,
+            seq_idx=batch.seq_idx,
+        )
+        lm_loss = (
+            sequence_mean_loss(result.logits, batch.labels, batch.seq_idx) if per_sequence else result.lm_loss
+        )
+        metrics = {
+            "loss": lm_loss.double() + result.aux_loss.double(),
+            "lm_loss": lm_loss,
+            "aux_loss": result.aux_loss,
+            **moe_counts(result.moe_stats),
+        }
+        return lm_loss * batch.weight + result.aux_loss, metrics
+
+    return loss_fn
 
 
 def export_model(model: TurboSForCausalLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
@@ -356,10 +443,16 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def recipe_state(recipe: SFTRecipe) -> dict[str, Any]:
-    """What identifies a run's training (JSON types): the recipe less ``RESUMABLE_CHANGES``."""
-    state = json.loads(json.dumps(asdict(recipe)))
-    return {key: value for key, value in state.items() if key not in RESUMABLE_CHANGES}
+class SFTLoop(TrainLoop):
+    """The shared loop, keeping the last loss in its checkpoints (a run resumed at its end reports it)."""
+
+    last_loss: float = math.nan
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        self.last_loss = record["lm_loss"]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"loss": self.last_loss}
 
 
 def run_sft(
@@ -368,6 +461,7 @@ def run_sft(
     resume: str | None = None,
     overwrite: bool = False,
     stop_at: int | None = None,
+    parallelize: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``recipe.model`` and write ``OUTPUT_DIR/model`` (servable) plus metrics.jsonl.
 
@@ -381,6 +475,8 @@ def run_sft(
     from an earlier one (a rewind), the later checkpoints and the finished model and summary move
     to ``checkpoints/abandoned-<time>/`` (``turbos.train.checkpoint.open_run_dir``).
     ``stop_at``: stop after that step (the model is exported only when all ``steps`` are done).
+    ``parallelize``: applied to the loaded model before the optimizer is built (``TrainLoop``).
+    An interrupt (Ctrl-C, SIGTERM) checkpoints the last completed step (``TrainLoop.interrupted``).
     """
     if stop_at is not None and not 0 < stop_at <= recipe.steps:
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
@@ -398,8 +494,8 @@ def run_sft(
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    current = recipe_state(recipe)
-    checkpoint = open_run_dir(out, resume, overwrite, current, outputs)
+    identity = recipe_state(asdict(recipe), RESUMABLE_CHANGES)
+    checkpoint = open_run_dir(out, resume, overwrite, identity, outputs)
     if checkpoint is not None and (out / SUMMARY_FILE).is_file():
         print(
             f"{out} is already finished (resumed from its latest checkpoint {checkpoint}); nothing to do",
@@ -419,97 +515,53 @@ def run_sft(
     tokenizer = load_tokenizer(recipe.model)
     tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")  # copied into every checkpoint
     data = encode_datasets(recipe.data, tokenizer, recipe.max_len)
-    probs = row_sampler(data, [d.weight for d in recipe.data], recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
     c = model.config
     scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts)
-    optimizer = build_optimizer(model, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale)
-    per_sequence = recipe.loss_normalization == "sequence"
-    batches = batch_rows(
-        probs,
-        [len(x) for x in data.ids],
-        [1 if per_sequence else sum(t != IGNORE_INDEX for t in y) for y in data.labels],
-        recipe.batch_size,
-        recipe.group_by_length,
-        generator,
+    loop = SFTLoop(
+        model,
+        lambda m: build_optimizer(m, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale),
+        LRSchedule.warmup_cosine(recipe.lr, recipe.min_lr, recipe.warmup_steps, recipe.steps),
+        ChatBatches(data, recipe),
+        sft_loss_fn(recipe.loss_normalization == "sequence"),
+        LoopSettings(
+            run_dir=out,
+            recipe_state=identity,
+            device=device,
+            precision=recipe.precision,
+            grad_clip=recipe.grad_clip,
+            checkpoint_interval=recipe.checkpoint_interval,
+            keep_last=recipe.keep_last,
+            save_final=False,  # the exported model is the final output
+            tokenizer_dir=tokenizer_dir,
+            progress=progress,
+            description="sft",
+        ),
+        parallelize,
     )
-    first, tokens, loss_value = 0, 0, float("nan")
     if checkpoint is not None:
-        resumed = load_checkpoint(checkpoint, model, optimizer)  # weights, optimizer and RNG states
-        first, tokens, loss_value = resumed["step"], resumed["tokens"], resumed.get("loss", loss_value)
-        for _ in range(first):  # the batch stream replayed to where the run stopped
-            next(batches)
-    end = recipe.steps if stop_at is None else max(stop_at, first)
-    log = MetricsLog(out, resume_step=first if checkpoint is not None else None)
-    bar = tqdm(
-        range(first, end),
-        initial=first,
-        total=recipe.steps,
-        desc="sft",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+        loop.last_loss = loop.resume(checkpoint).get("loss", math.nan)
+    end = recipe.steps if stop_at is None else max(stop_at, loop.step)
     start = time.perf_counter()
-    for step in bar:
-        rows, weight = next(batches)
-        input_ids, mask, labels = (
-            t.to(device) for t in collate([data.ids[i] for i in rows], [data.labels[i] for i in rows])
-        )
-        lrs = set_lr(optimizer, cosine_lr(step, recipe))
-        t0 = time.perf_counter()
-        with autocast_context(recipe.precision, device):
-            # Sequence loss is computed here from the logits, so the model need not compute the
-            # token loss as well.
-            result = model(
-                input_ids, attention_mask=mask, labels=None if per_sequence else labels, router_losses=True
-            )
-        optimizer.zero_grad(set_to_none=True)
-        lm_loss = sequence_mean_loss(result.logits, labels) if per_sequence else result.lm_loss
-        (lm_loss * weight + result.aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip or math.inf).item()
-        optimizer.step()
-        step_tokens = int(mask.sum())
-        tokens += step_tokens
-        loss_value, aux_value = lm_loss.item(), result.aux_loss.item()
-        tok_s = step_tokens / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:.0f}")
-        log.write(
-            {
-                "step": step + 1,
-                "loss": loss_value + aux_value,
-                "lm_loss": loss_value,
-                "aux_loss": aux_value,
-                "lr": lrs,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tok_s,
-                **summarize_moe([result.moe_stats]),
-            }
-        )
-        done = step + 1
-        if (recipe.checkpoint_interval and done % recipe.checkpoint_interval == 0) or (
-            done == end < recipe.steps
-        ):
-            trainer_state = {"step": done, "tokens": tokens, "loss": loss_value, "recipe": current}
-            save_checkpoint(
-                out, done, model, optimizer, trainer_state, tokenizer_dir, keep_last=recipe.keep_last
-            )
-    bar.close()
+    loop.train(end)
     if end < recipe.steps:
-        return {"steps": end, "stopped_at": end, "tokens": tokens, "wall_s": time.perf_counter() - start}
-    model.eval()
-    export_model(model, tokenizer, out / MODEL_DIR)
-    summary = {
-        "steps": recipe.steps,
-        "conversations": len(data.ids),
-        "skipped_too_long": sum(data.skipped),
-        "datasets": [
-            {"path": d.path, "conversations": data.source.count(i), "skipped_too_long": data.skipped[i]}
-            for i, d in enumerate(recipe.data)
-        ],
-        "tokens": tokens,
-        "final_loss": loss_value,
-        "wall_s": time.perf_counter() - start,
-        "model_dir": str(out / MODEL_DIR),
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return {"steps": end, "stopped_at": end, "tokens": loop.tokens, "wall_s": time.perf_counter() - start}
+    try:
+        model.eval()
+        export_model(model, tokenizer, out / MODEL_DIR)
+        summary = {
+            "steps": recipe.steps,
+            "conversations": len(data.ids),
+            "skipped_too_long": sum(data.skipped),
+            "datasets": [
+                {"path": d.path, "conversations": data.source.count(i), "skipped_too_long": data.skipped[i]}
+                for i, d in enumerate(recipe.data)
+            ],
+            "tokens": loop.tokens,
+            "final_loss": loop.last_loss,
+            "wall_s": time.perf_counter() - start,
+            "model_dir": str(out / MODEL_DIR),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    except KeyboardInterrupt as err:  # the export starts again on resume
+        raise loop.interrupted(err) from None
     return summary

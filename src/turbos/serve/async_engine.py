@@ -44,6 +44,38 @@ class AsyncLLMEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.accepting
 
+    # ------------------------------------------------- what the server reads of the engine
+    @property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for (``turbos.serve.detokenizer.token_bytes``)."""
+        return self.engine.token_bytes
+
+    @property
+    def max_context(self) -> int:
+        """Prompt plus completion tokens at most."""
+        return self.engine.max_context
+
+    @property
+    def max_waiting(self) -> int:
+        """Requests the waiting queue holds at most."""
+        return self.engine.scheduler.max_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    def cache_bytes(self) -> int:
+        """Bytes of decoding state the running batch holds."""
+        return self.engine.cache.nbytes()
+
+    async def encode(self, text: str) -> list[int]:
+        """``LLMEngine.encode`` in a worker thread, so a long text does not block the event loop."""
+        return await asyncio.to_thread(self.engine.encode, text)
+
     def add_request(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> tuple[str, asyncio.Queue[RequestOutput]]:

@@ -84,9 +84,6 @@ class BatchCache:
     def _attention(self) -> list[SlotAttention]:
         return [layer for layer in self.layers if isinstance(layer, SlotAttention)]
 
-    def _mamba(self) -> list[MambaCache]:
-        return [layer for layer in self.layers if isinstance(layer, MambaCache)]
-
     # --------------------------------------------------------------- what the model reads
     def get_seq_length(self) -> int:
         """Width of the shared window (the longest row)."""

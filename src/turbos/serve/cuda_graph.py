@@ -130,7 +130,9 @@ class CUDAGraphDecoder:
                 layers.append(MambaCache(static.conv_state[:bucket], static.ssm_state[:bucket]))
             else:
                 layers.append(None)
-        hidden, _, _ = self.model.model.run_layers(ids, lengths[:, None], mask[:, None, None], layers)
+        stack = self.model.model
+        ctx = stack.layer_context(lengths[:, None], attn_mask=mask[:, None, None])
+        hidden = stack.run_layers(ids, ctx, layers)
         self._store_mamba_state(layers, bucket)
         return self.model.lm_head(hidden[:, -1])
 

@@ -12,19 +12,24 @@ are safe to call from another thread while ``step`` runs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import threading
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from turbos.data.tokenizer import load_tokenizer
+from turbos.device import resolve_device
 from turbos.model import TurboSForCausalLM
 from turbos.model.quant import QUANTIZATIONS, quantize_int8_
 from turbos.serve.cache_manager import CacheManager
+from turbos.serve.config import EngineConfig
 from turbos.serve.cuda_graph import CUDAGraphDecoder
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.runner import ModelRunner, PrefillJob
@@ -62,30 +67,29 @@ class LLMEngine:
         self,
         model: TurboSForCausalLM,
         tokenizer: Tokenizer,
-        *,
-        max_running: int = 16,
-        max_waiting: int = 256,
-        prefill_chunk: int = 512,
-        max_prefill_tokens: int = 4096,
-        seed: int | None = None,
-        cuda_graphs: bool | None = None,
+        engine_config: EngineConfig | None = None,
+        **options: Any,
     ) -> None:
-        """cuda_graphs: replay decode steps as CUDA graphs (``turbos.serve.cuda_graph``); None: on
-        when the model is on a CUDA device. False is vLLM's ``enforce_eager``."""
+        """engine_config: batching and scheduling settings (``EngineConfig``'s defaults when None);
+        ``options`` change single fields of it, e.g. ``max_running=4``."""
+        self.engine_config = dataclasses.replace(engine_config or EngineConfig(), **options)
+        settings = self.engine_config
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_context = self.config.max_position_embeddings
         weight = next(model.parameters())
         self.device = weight.device
-        self.scheduler = Scheduler(max_running, max_waiting, max_prefill_tokens)
-        self.cache = CacheManager(self.config, max_running, weight.device, weight.dtype)
+        self.scheduler = Scheduler(settings.max_running, settings.max_waiting, settings.max_prefill_tokens)
+        self.cache = CacheManager(self.config, settings.max_running, weight.device, weight.dtype)
+        cuda_graphs = settings.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = weight.device.type == "cuda"
-        graphs = CUDAGraphDecoder(model, max_running) if cuda_graphs else None
-        self.runner = ModelRunner(model, prefill_chunk, graphs)
+        graphs = CUDAGraphDecoder(model, settings.max_running) if cuda_graphs else None
+        self.runner = ModelRunner(model, settings.prefill_chunk, graphs)
+        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device=weight.device)
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        generator.manual_seed(seed)
         self.sampler = Sampler(generator)
         self.token_bytes = token_bytes(tokenizer, self.config.vocab_size)
         self._lock = threading.Lock()
@@ -102,17 +106,16 @@ class LLMEngine:
         device: str = "auto",
         dtype: torch.dtype | None = None,
         quantization: str | None = None,
-        **kwargs,
+        engine_config: EngineConfig | None = None,
+        **options: Any,
     ) -> LLMEngine:
-        """Load ``config.json``, ``model.safetensors`` and the tokenizer (default: same directory).
+        """Load ``config.json``, ``model.safetensors`` and the tokenizer (default: same directory);
+        ``engine_config`` and ``options`` are the constructor's.
 
         dtype None: bf16 on CUDA or with a quantization (the CPU int8 kernel is fast with bf16
         activations only), else fp32. quantization "int8": int8 weights, activations in ``dtype``
         (``turbos.model.quant``).
         """
-        from turbos.data.tokenizer import load_tokenizer
-        from turbos.train.evaluate import resolve_device
-
         resolved = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if resolved.type == "cuda" or quantization else torch.float32
@@ -121,7 +124,7 @@ class LLMEngine:
         model = TurboSForCausalLM.from_pretrained(model_dir, device=resolved, dtype=dtype)
         if quantization == "int8":
             quantize_int8_(model)
-        return cls(model, load_tokenizer(tokenizer_dir or model_dir), **kwargs)
+        return cls(model, load_tokenizer(tokenizer_dir or model_dir), engine_config, **options)
 
     # ----------------------------------------------------------------------- requests
     def encode(self, text: str) -> list[int]:

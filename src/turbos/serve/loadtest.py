@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -115,7 +115,3 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "ttft_p50_s": _percentile(ttfts, 0.5),
         "ttft_p99_s": _percentile(ttfts, 0.99),
     }
-
-
-def records_as_dicts(records: list[RequestRecord]) -> list[dict]:
-    return [asdict(r) for r in records]

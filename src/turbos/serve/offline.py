@@ -8,9 +8,9 @@ OpenAI API), and optionally ``id``. Output: one JSON object per input line, in o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from turbos.data.jsonl import JsonlError, read_jsonl
 from turbos.serve.chat_template import prepare_chat
 from turbos.serve.engine import LLMEngine
 from turbos.serve.reasoning import parse_reasoning
@@ -20,20 +20,12 @@ from turbos.serve.sampling import SamplingParams
 def read_requests(path: str | Path) -> list[dict]:
     """The requests of a JSONL file, checked: each line holds a ``prompt`` or ``messages``."""
     requests = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON: {err}") from None
-        if not isinstance(record, dict) or not (
-            isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)
-        ):
-            raise ValueError(f"{path}:{number}: need an object with a string 'prompt' or a list 'messages'")
+    for number, record in read_jsonl(path, "requests"):
+        if not (isinstance(record.get("prompt"), str) or isinstance(record.get("messages"), list)):
+            raise JsonlError(path, number, "need a string 'prompt' or a list 'messages'")
         problem = _messages_problem(record.get("messages"))
         if problem:
-            raise ValueError(f"{path}:{number}: {problem}")
+            raise JsonlError(path, number, problem)
         requests.append(record)
     return requests
 

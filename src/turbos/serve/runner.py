@@ -49,11 +49,7 @@ class PrefillJob:
 class ModelRunner:
     """Runs the model on a ``BatchCache``; knows nothing of scheduling or sampling."""
 
-    def __init__(
-        self, model: TurboSForCausalLM, prefill_chunk: int = 512, graphs: CUDAGraphDecoder | None = None
-    ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    def __init__(self, model: TurboSForCausalLM, prefill_chunk: int, graphs: CUDAGraphDecoder | None) -> None:
         self.model = model
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device

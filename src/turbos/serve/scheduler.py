@@ -18,14 +18,9 @@ class QueueFullError(RuntimeError):
 
 
 class Scheduler:
-    def __init__(self, max_running: int = 16, max_waiting: int = 256, max_prefill_tokens: int = 4096) -> None:
-        for name, value in (
-            ("max_running", max_running),
-            ("max_waiting", max_waiting),
-            ("max_prefill_tokens", max_prefill_tokens),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+    """The limits come from ``EngineConfig`` (serve/config.py), which checks them."""
+
+    def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int) -> None:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens

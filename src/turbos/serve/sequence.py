@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -50,9 +49,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    aborted: bool = False
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     # what has not been reported yet
     _new_ids: list[int] = field(default_factory=list)
     _new_text: list[str] = field(default_factory=list)
@@ -66,17 +62,11 @@ class Sequence:
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
     def sampling_row(self) -> SamplingRow:
         return SamplingRow(self.params, self.prompt_ids, self.output_ids, self.generator)
 
     def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record a sampled token; finish the sequence on a stop token, a stop string or the length."""
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
         self.output_ids.append(token_id)
         self._new_ids.append(token_id)
         if logprobs is not None:

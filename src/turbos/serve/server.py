@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from turbos.serve.async_engine import AsyncLLMEngine, EngineStoppedError
 from turbos.serve.chat_template import prepare_chat, thinking_mode_from_request
+from turbos.serve.config import ServerConfig
 from turbos.serve.engine import ContextLengthError, GenerationResult
+from turbos.serve.http_protocol import uvicorn_options
 from turbos.serve.metrics import ServerMetrics
 from turbos.serve.openai_format import Formatter, error_body, sse
 from turbos.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -37,8 +38,6 @@ from turbos.serve.reasoning import ReasoningStreamParser, parse_reasoning
 from turbos.serve.sampling import SamplingParams, SamplingParamsError
 from turbos.serve.scheduler import QueueFullError
 from turbos.serve.sequence import RequestOutput
-
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -134,7 +133,7 @@ class Server:
 
     def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
-        self.token_bytes = engine.engine.token_bytes
+        self.token_bytes = engine.token_bytes
 
     def check_common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         if body.model != self.model_name:
@@ -224,7 +223,7 @@ class Server:
             banned_token_ids=chat.banned_token_ids,
             banned_first_token_ids=chat.banned_first_token_ids,
         )
-        prompt_ids = await run_in_threadpool(self.engine.engine.encode, chat.text)
+        prompt_ids = await self.engine.encode(chat.text)
         request_id, queue = self.submit(prompt_ids, params, f"chatcmpl-{uuid.uuid4().hex}")
         fmt = Formatter(request_id, self.model_name, self.token_bytes)
         if body.stream:
@@ -297,7 +296,7 @@ class Server:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-        max_waiting = self.engine.engine.scheduler.max_waiting
+        max_waiting = self.engine.max_waiting
         if len(prompts) > max_waiting:
             raise APIError(
                 400,
@@ -306,10 +305,7 @@ class Server:
                 code="invalid_value",
             )
         params = self.params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
-        encoded = [
-            await run_in_threadpool(self.engine.engine.encode, p) if isinstance(p, str) else p
-            for p in prompts
-        ]
+        encoded = [await self.engine.encode(p) if isinstance(p, str) else p for p in prompts]
         base = f"cmpl-{uuid.uuid4().hex}"
         submitted: list[tuple[str, asyncio.Queue]] = []
         try:
@@ -398,31 +394,26 @@ class Server:
                     "object": "model",
                     "created": 0,
                     "owned_by": "turbos",
-                    "max_model_len": self.engine.engine.max_context,
+                    "max_model_len": self.engine.max_context,
                 }
             ],
         }
 
     def metrics_text(self) -> str:
-        engine = self.engine.engine
-        return self.metrics.render(engine.num_running, engine.num_waiting, engine.cache.nbytes())
+        engine = self.engine
+        return self.metrics.render(engine.num_running, engine.num_waiting, engine.cache_bytes())
 
 
-def create_app(
-    engine: AsyncLLMEngine,
-    model_name: str,
-    api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    drain_timeout: float = 10.0,
-) -> FastAPI:
+def create_app(engine: AsyncLLMEngine, model_name: str, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app; it starts the engine thread on startup and stops it on shutdown, giving
-    requests in flight ``drain_timeout`` seconds to finish before cancelling them."""
+    requests in flight ``config.drain_timeout`` seconds to finish before cancelling them."""
+    config = config or ServerConfig()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        await asyncio.to_thread(engine.shutdown, drain_timeout)
+        await asyncio.to_thread(engine.shutdown, config.drain_timeout)
 
     app = FastAPI(title="turbos", lifespan=lifespan)
     server = Server(engine, model_name, ServerMetrics())
@@ -455,22 +446,14 @@ def create_app(
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app
 
 
-def run_server(
-    engine: AsyncLLMEngine,
-    model_name: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    drain_timeout: float = 10.0,
-    log_level: str = "info",
-) -> None:
-    """Serve until SIGINT/SIGTERM; then finish (or, after ``drain_timeout`` s, cancel) requests in flight."""
+def run_server(engine: AsyncLLMEngine, model_name: str, config: ServerConfig | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; then finish (or, after ``config.drain_timeout`` s, cancel)
+    requests in flight."""
     import uvicorn
 
-    app = create_app(engine, model_name, api_key, max_body_bytes, drain_timeout)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
+    config = config or ServerConfig()
+    uvicorn.run(create_app(engine, model_name, config), **uvicorn_options(config))

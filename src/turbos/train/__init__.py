@@ -1,9 +1,12 @@
-"""Pre-training: recipes, AdamW param groups and expert LRs, WSD schedule, loop, checkpoints, plots.
+"""Training: recipes, AdamW param groups and expert LRs, LR schedules, the loop, checkpoints, plots.
 
 - `recipe`: YAML recipes parsed into a validated `Recipe`, dotted-key overrides, stage plans.
 - `optim`: parameter groups (no decay on norms, biases, SSM parameters, embeddings) and the
-  routed-expert LR rule; `schedule`: warm-up, constant, cosine annealing, per-stage LR.
-- `trainer`: the loop; `checkpoint`: atomic checkpoints and exact resume; `metrics`: metrics.jsonl;
+  routed-expert LR rule; `schedule`: warm-up, constant, cosine annealing, per-stage LR (WSD), and
+  SFT's warm-up + cosine.
+- `loop`: the one training loop (step, accumulation, clipping, schedule, checkpoints, metrics,
+  interrupts) that pre-training and SFT share; `trainer`: pre-training's stages on it;
+  `checkpoint`: atomic checkpoints and exact resume; `metrics`: metrics.jsonl;
   `evaluate`: validation loss and precision rules; `plots`: PNGs of a run.
 """
 

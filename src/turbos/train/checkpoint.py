@@ -6,7 +6,8 @@ Layout of ``RUN_DIR/checkpoints/step-00000100/``:
     tokenizer.json, ...                  the tokenizer files, so the directory is self-contained
     optimizer.pt                         AdamW state
     rng.pt                               Python, NumPy and torch (CPU and CUDA) generator states
-    trainer_state.json                   step, stage, tokens seen, schedule, data position
+    trainer_state.json                   step, tokens seen, data position, recipe (and the kind's own:
+                                         pre-training's stage and last validation loss, ...)
 
 Everything is written into a hidden temporary directory (``.tmp-step-...``), flushed to disk,
 and renamed into place, so a kill during a save leaves the previous checkpoint untouched and
@@ -26,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,14 @@ def check_recipe(checkpoint: Path, recipe: dict[str, Any]) -> None:
         )
 
 
+def recipe_state(recipe: dict[str, Any], resumable: Collection[str]) -> dict[str, Any]:
+    """What identifies a run's training (JSON types), recorded in its checkpoints: the recipe less
+    the fields in ``resumable``, those a resumed run may change (where it writes, how often it
+    saves, where it runs); every other field shapes the batches or the updates."""
+    state = json.loads(json.dumps(recipe))
+    return {key: value for key, value in state.items() if key not in resumable}
+
+
 def later_checkpoints(run_dir: str | os.PathLike, checkpoint: Path) -> list[Path]:
     """The run's checkpoints of later steps than ``checkpoint`` (which may belong to another run)."""
     step = read_trainer_state(checkpoint)["step"]
@@ -217,6 +226,7 @@ def write_checkpoint_files(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None,
+    rng: dict[str, Any],
 ) -> None:
     """Write every file of a checkpoint into ``directory``; the trainer state goes last."""
     model.save_pretrained(directory)
@@ -225,7 +235,7 @@ def write_checkpoint_files(
             if path.is_file():
                 shutil.copy2(path, directory / path.name)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    torch.save(rng_state(), directory / "rng.pt")
+    torch.save(rng, directory / "rng.pt")
     (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
 
 
@@ -237,9 +247,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None = None,
     keep_last: int = 0,
+    rng: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write the checkpoint of ``step``; then keep only the newest ``keep_last`` (0: all),
-    never deleting the one just written."""
+    never deleting the one just written. ``rng``: the generator states to record (``rng_state()``,
+    default: the current ones)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
@@ -247,7 +259,9 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f"{_TMP_PREFIX}{final.name}"
     tmp.mkdir()
-    write_checkpoint_files(tmp, model, optimizer, trainer_state, tokenizer_dir)
+    write_checkpoint_files(
+        tmp, model, optimizer, trainer_state, tokenizer_dir, rng if rng is not None else rng_state()
+    )
     _fsync_tree(tmp)
     if final.exists():  # the same step saved again: swap, never leaving the step without a copy
         old = root / f"{_TMP_PREFIX}old-{final.name}"

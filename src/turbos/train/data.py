@@ -1,13 +1,14 @@
 """What a recipe's data section turns into: the tokenizer, and batches of packed rows per stage.
 
-Batches are LongTensors (batch, seq_len + 1): inputs ``[:, :-1]``, targets ``[:, 1:]``, streamed
-by `turbos.data.packing.StreamingPackedDataset`, whose position makes resume exact.
+Training micro-batches are ``PackedBatch`` es of rows (batch, seq_len + 1): inputs ``[:, :-1]``,
+targets ``[:, 1:]``, streamed by `turbos.data.packing.StreamingPackedDataset`, whose position
+makes resume exact.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +25,47 @@ SHUFFLE_TOKENS = 2**18
 (at least one), so a stage of long rows does not tokenize far ahead before its first batch."""
 
 
+@dataclass
+class PackedBatch:
+    """A micro-batch of packed rows (batch, seq_len + 1): inputs ``rows[:, :-1]``, targets
+    ``rows[:, 1:]``."""
+
+    rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows[:, :-1].numel()
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(self.rows.to(device))
+
+
 class BatchStream:
-    """Endless batches of ``batch_size`` rows from a streaming dataset, with its resumable position."""
+    """Batches of ``batch_size`` rows from a streaming dataset (an iterator, endless when the
+    dataset repeats), with the dataset's resumable position."""
 
     def __init__(self, dataset: StreamingPackedDataset, batch_size: int) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
+        self._rows: Any = None  # opened at the first batch, after any saved position is loaded
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        rows = iter(self.dataset)
-        while len(batch := list(itertools.islice(rows, self.batch_size))) == self.batch_size:
-            yield torch.stack(batch)
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self._rows is None:
+            self._rows = iter(self.dataset)
+        batch = list(itertools.islice(self._rows, self.batch_size))
+        if len(batch) < self.batch_size:
+            raise StopIteration
+        return PackedBatch(torch.stack(batch))
 
     def state_dict(self) -> dict[str, Any]:
         return self.dataset.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state)
+        self._rows = None
 
 
 def prepare_tokenizer(recipe: Recipe, run_dir: Path, resuming: bool = False) -> tuple[Tokenizer, Path]:
@@ -107,7 +132,7 @@ def validation_batches(
     dataset = StreamingPackedDataset(
         corpus, tokenizer, seq_len, split=split, val_fraction=val_fraction, shuffle_buffer=0, repeat=False
     )
-    batches = list(itertools.islice(BatchStream(dataset, batch_size), num_batches))
+    batches = [batch.rows for batch in itertools.islice(BatchStream(dataset, batch_size), num_batches)]
     if not batches:
         raise ValueError(
             f"the {split} split has too few tokens for one batch of {batch_size} x {seq_len + 1}; "

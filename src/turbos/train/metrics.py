@@ -17,24 +17,38 @@ from typing import Any
 
 import torch
 
+from turbos.data.jsonl import read_jsonl
 from turbos.model.moe import MoEStats
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def summarize_moe(stats: Sequence[Sequence[MoEStats]]) -> dict[str, Any]:
-    """Routing statistics of one step from the per-micro-batch, per-layer MoEStats."""
-    if not stats or not stats[0]:
+MOE_COUNTS = ("expert_load", "moe_assignments", "moe_recycled", "moe_dropped")
+"""The routing counts ``moe_counts`` reports and ``summarize_moe`` turns into logged fractions."""
+
+
+def moe_counts(stats: Sequence[MoEStats]) -> dict[str, torch.Tensor]:
+    """Routing counts of one forward pass, left on the device (a loss function's metrics):
+    ``expert_load`` (layers, E) and the assignments, recycled and dropped ones over all MoE layers;
+    empty without MoE layers."""
+    if not stats:
         return {}
-    num_layers = len(stats[0])
-    loads = [
-        torch.stack([micro[i].expert_load for micro in stats]).sum(0).double() for i in range(num_layers)
-    ]
-    assignments = sum(layer.assignments for micro in stats for layer in micro)
-    recycled = sum(layer.recycled for micro in stats for layer in micro)
-    dropped = sum(layer.dropped for micro in stats for layer in micro)
+    counts = torch.stack([torch.stack([s.assignments, s.recycled, s.dropped]) for s in stats]).sum(0)
     return {
-        "expert_load": [(load / load.sum().clamp(min=1)).tolist() for load in loads],
+        "expert_load": torch.stack([s.expert_load for s in stats]),
+        **dict(zip(MOE_COUNTS[1:], counts, strict=True)),
+    }
+
+
+def summarize_moe(values: dict[str, Any]) -> dict[str, Any]:
+    """The logged routing statistics of a step from its ``moe_counts`` read on the host (removed
+    from ``values``): per MoE layer the fraction of assignments each routed expert processed,
+    and the recycled and dropped fractions of all assignments."""
+    if "expert_load" not in values:
+        return {}
+    loads, assignments, recycled, dropped = (values.pop(name) for name in MOE_COUNTS)
+    return {
+        "expert_load": [[count / max(sum(load), 1) for count in load] for load in loads],
         "recycled_frac": recycled / max(assignments, 1),
         "dropped_frac": dropped / max(assignments, 1),
     }
@@ -62,15 +76,5 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} at {path}")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise
-            # a run killed while writing leaves its last line cut short; nothing after it is lost
-    return records
+    # A run killed while writing leaves its last line cut short; nothing after it is lost.
+    return [record for _, record in read_jsonl(path, "metrics", cut_last_line=True)]

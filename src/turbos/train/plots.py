@@ -116,9 +116,6 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{run_dir}: metrics.jsonl has no records to plot")
-    bad = next((i for i, record in enumerate(records, start=1) if not isinstance(record, dict)), None)
-    if bad is not None:
-        raise ValueError(f"{run_dir}: record {bad} of metrics.jsonl is not a JSON object")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_losses(records, out / "loss.png"), plot_learning_rates(records, out / "lr.png")]

@@ -6,27 +6,26 @@ NTK RoPE alpha, the LR policy and the short:long data ratio (report: 4K -> 32K w
 256K with alpha 1000 at a constant 5e-6, short:long 3:1). ``apply_overrides`` changes any field
 from the command line with dotted keys, e.g. ``optimizer.lr=1e-3`` or ``stages.0.steps=20``.
 
-Every error names the offending key: unknown keys list the valid ones, wrong types say what was
-expected, impossible stages say why.
+Fields are parsed by ``turbos.settings`` (types and declared ranges), so every error names the
+offending key: unknown keys list the valid ones, wrong types say what was expected, values out of
+range give the range; ``validate_recipe`` adds the checks that relate several fields and says why
+an impossible stage is impossible.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
-
-import yaml
+from typing import Any, Literal
 
 from turbos.config import ConfigError, TurboSConfig
 from turbos.presets import get_preset
+from turbos.settings import SettingsError, apply_overrides, parse_settings, read_yaml, setting
 
 
-class RecipeError(ConfigError):
+class RecipeError(SettingsError):
     """A recipe value is missing, unknown, of the wrong type, or impossible."""
 
 
@@ -43,10 +42,10 @@ class TokenizerSpec:
     """Either `path` (a directory with tokenizer.json) or `vocab_size` (train one on the data)."""
 
     path: str | None = None
-    vocab_size: int | None = None
+    vocab_size: int | None = setting(None, gt=0)
     """Train a byte-level BPE of this many tokens on the training sources; the model's vocab_size
     follows it unless model.overrides sets one."""
-    max_documents: int | None = None
+    max_documents: int | None = setting(None, gt=0)
     """Train the tokenizer on at most this many documents (None: all of them)."""
 
 
@@ -56,27 +55,30 @@ class DataSpec:
     """Source spec(s) of turbos.data.corpora: a spec string, a {source, ...} mapping, or a list of
     them (a weighted mixture, `weight` key)."""
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
-    seq_len: int = 4096
+    seq_len: int = setting(4096, gt=0)
     """Tokens per training sequence of the first stage (report: 4,096)."""
-    batch_size: int = 8
+    batch_size: int = setting(8, gt=0)
     """Sequences per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = setting(1, gt=0)
     """Micro-batches per optimizer step."""
-    val_fraction: float = 0.01
+    val_fraction: float = setting(0.01, gt=0, lt=1)
     """Share of the documents held out for validation."""
+    reset_at_eos: bool = False
+    """Each document in a packed row sees only itself: attention, Mamba2 state and positions
+    restart after every EOS (``seq_idx``). Off: rows are read as one text, across documents."""
 
 
 @dataclass
 class OptimizerSpec:
     """AdamW (report §2.3: beta1 0.9, beta2 0.95, weight decay 0.1)."""
 
-    lr: float = 3e-4
+    lr: float = setting(3e-4, gt=0)
     """Peak (stable-phase) learning rate. The report does not give it."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    beta1: float = setting(0.9, ge=0, lt=1)
+    beta2: float = setting(0.95, ge=0, lt=1)
+    weight_decay: float = setting(0.1, ge=0)
+    eps: float = setting(1e-8, gt=0)
+    grad_clip: float = setting(1.0, ge=0)
     """Max global grad norm; 0 disables clipping."""
     decay_embeddings: bool = False
     """Apply weight decay to the token embeddings too."""
@@ -84,9 +86,9 @@ class OptimizerSpec:
 
 @dataclass
 class ScheduleSpec:
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, ge=0)
     """Linear warm-up from 0 at the start of the first stage."""
-    min_lr: float = 5e-6
+    min_lr: float = setting(5e-6, gt=0)
     """Where a cosine (annealing) stage ends (report: 5e-6)."""
 
 
@@ -95,35 +97,35 @@ class StageSpec:
     """One stage of training; stages run in order on one global step counter."""
 
     name: str = ""
-    seq_len: int | None = None
+    seq_len: int | None = setting(None, gt=0)
     """Tokens per sequence (default data.seq_len)."""
-    steps: int | None = None
+    steps: int | None = setting(None, gt=0)
     """Optimizer steps; give this or `tokens`."""
-    tokens: int | None = None
+    tokens: int | None = setting(None, gt=0)
     """Token budget, turned into steps at this stage's tokens per step."""
-    rope_alpha: float = 1.0
-    """NTK-aware RoPE alpha for this stage (report: 50 at 32K, 1000 at 256K)."""
+    rope_alpha: float = setting(1.0, ge=1)
+    """NTK-aware RoPE alpha for this stage (report: 50 at 32K, 1000 at 256K); 1 is plain RoPE."""
     lr_policy: Literal["constant", "cosine"] = "constant"
     """'constant': hold `lr` (default optimizer.lr; the stable phase of WSD). 'cosine': decay from
     the LR the previous stage ended at to `lr` (default schedule.min_lr; the annealing stage)."""
-    lr: float | None = None
-    batch_size: int | None = None
+    lr: float | None = setting(None, gt=0)
+    batch_size: int | None = setting(None, gt=0)
     """Sequences per micro-batch (default data.batch_size)."""
-    grad_accum: int | None = None
+    grad_accum: int | None = setting(None, gt=0)
     """Micro-batches per step (default data.grad_accum)."""
     sources: Any = None
     """This stage's source spec(s) in place of data.sources (e.g. the annealing mix, report §2.3)."""
     long_sources: Any = None
     """Long-document source spec(s) mixed into this stage."""
-    short_long_ratio: list[float] | None = None
+    short_long_ratio: list[float] | None = setting(None, gt=0)
     """[short, long] document weights of the stage's sources vs long_sources (report: [3, 1])."""
 
 
 @dataclass
 class MoESpec:
-    aux_loss_coef: float | None = None
+    aux_loss_coef: float | None = setting(None, ge=0)
     """Load-balancing loss weight (None: the preset's router_aux_loss_coef)."""
-    capacity_factor: float | None = None
+    capacity_factor: float | None = setting(None, gt=0)
     """Training expert capacity factor (None: the preset's; report: 1.5)."""
     expert_lr: Literal["sqrt", "linear", "none"] = "sqrt"
     """Routed-expert LR rule, see turbos.train.optim.expert_lr_scale."""
@@ -131,17 +133,17 @@ class MoESpec:
 
 @dataclass
 class EvalSpec:
-    interval: int = 100
+    interval: int = setting(100, ge=0)
     """Validate every this many steps (and at step 0 and at the end); 0 disables."""
-    batches: int = 8
+    batches: int = setting(8, gt=0)
     """Validation batches per evaluation."""
 
 
 @dataclass
 class CheckpointSpec:
-    interval: int = 1000
+    interval: int = setting(1000, gt=0)
     """Save every this many steps (and always at the end)."""
-    keep_last: int = 3
+    keep_last: int = setting(3, ge=0)
     """Checkpoints kept; older ones are deleted. 0 keeps all."""
 
 
@@ -177,207 +179,43 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing: dict -> dataclasses, with a checked type for every field
+# Loading and validation
 # ----------------------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def yaml_number(value: Any) -> float | None:
-    """A YAML value as a number: YAML 1.1 reads '5e-6' (no dot) as a string, so accept that too."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except RecipeError as err:
-                errors.append(err)
-        raise (
-            errors[0]
-            if len(errors) == 1
-            else RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        )
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, dataclasses.asdict(value) if isinstance(value, tp) else value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise RecipeError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(
-            _coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    number = yaml_number(value)
-    if tp is float and number is not None and math.isfinite(number):
-        return float(number)
-    if tp is int and number is not None and math.isfinite(number) and float(number).is_integer():
-        return int(number)
-    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [key for key in data if key not in names]
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        raise RecipeError(f"unknown key {key!r}; valid keys{f' in {where!r}' if where else ''}: {names}")
-    values = {
-        key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in data.items()
-    }
-    return cls(**values)
-
-
-def coerce_fields(instance: Any) -> None:
-    """Check every field of a dataclass instance against its type hint, in place, as recipes are
-    checked: numbers written as strings (YAML 1.1 reads ``1e-4`` as one) become numbers, and a
-    value of the wrong type or a non-finite number is a RecipeError that names the field."""
-    hints = typing.get_type_hints(type(instance))
-    for f in dataclasses.fields(instance):
-        setattr(instance, f.name, _coerce(getattr(instance, f.name), hints[f.name], f.name))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading, overrides, validation
-# ----------------------------------------------------------------------------------------------
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries in a raw recipe dict (values are parsed as YAML).
-
-    List items are addressed by index (``stages.1.seq_len=256``). Keys are checked when the
-    recipe is built, so a misspelt key fails there with the list of valid ones.
-    """
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        if not eq or not key.strip():
-            raise RecipeError(f"override {item!r} must look like key.sub=value")
-        parts = key.strip().split(".")
-        node: Any = raw
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            here = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override {item!r}: {here!r} needs an index below {len(node)}")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise RecipeError(f"override {item!r}: {'.'.join(parts[:depth])!r} is not a section")
-            if last:
-                node[part] = yaml.safe_load(text)
-            else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-    return raw
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     """Build and validate a Recipe from a plain dict."""
-    recipe = _build(Recipe, raw, "")
+    try:
+        recipe = parse_settings(Recipe, raw)
+    except SettingsError as err:
+        raise RecipeError(str(err)) from err
     validate_recipe(recipe)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply dotted-key overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no recipe file {str(path)!r}")
+    """Read a YAML recipe, apply dotted-key overrides (``stages.0.steps=20``), validate."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}") from err
-    return parse_recipe(apply_overrides(raw, overrides or []))
-
-
-def _positive(value: float | None, where: str) -> None:
-    if value is not None and value <= 0:
-        raise RecipeError(f"{where} must be > 0, got {value}")
+        raw = apply_overrides(read_yaml(path, "recipe"), overrides or [])
+    except SettingsError as err:
+        raise RecipeError(str(err)) from err
+    return parse_recipe(raw)
 
 
 def validate_recipe(recipe: Recipe) -> None:
-    """Raise RecipeError for values that cannot train: sizes, rates, and the stage curriculum."""
+    """Raise RecipeError for what the field ranges cannot say: the required sources and tokenizer,
+    min_lr against lr, the model config and the stage curriculum."""
     data, opt, tok = recipe.data, recipe.optimizer, recipe.data.tokenizer
     if data.sources is None:
         raise RecipeError("data.sources is required: a source spec string or a list of them")
     _check_sources(data.sources, "data.sources")
     if (tok.path is None) == (tok.vocab_size is None):
         raise RecipeError("data.tokenizer needs exactly one of 'path' (load) and 'vocab_size' (train)")
-    for name in ("seq_len", "batch_size", "grad_accum"):
-        _positive(getattr(data, name), f"data.{name}")
-    _positive(tok.vocab_size, "data.tokenizer.vocab_size")
-    _positive(tok.max_documents, "data.tokenizer.max_documents")
-    if not 0 < data.val_fraction < 1:
-        raise RecipeError(f"data.val_fraction must be in (0, 1), got {data.val_fraction}")
-    for name in ("lr", "eps"):
-        _positive(getattr(opt, name), f"optimizer.{name}")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(opt, name) < 1:
-            raise RecipeError(f"optimizer.{name} must be in [0, 1), got {getattr(opt, name)}")
-    for name in ("weight_decay", "grad_clip"):
-        if getattr(opt, name) < 0:
-            raise RecipeError(f"optimizer.{name} must be >= 0, got {getattr(opt, name)}")
-    if recipe.schedule.warmup_steps < 0:
-        raise RecipeError("schedule.warmup_steps must be >= 0")
-    _positive(recipe.schedule.min_lr, "schedule.min_lr")
     if recipe.schedule.min_lr > opt.lr:
         raise RecipeError(
             f"schedule.min_lr={recipe.schedule.min_lr} exceeds optimizer.lr={opt.lr}: "
             "a cosine stage would raise the LR instead of annealing it"
         )
-    if recipe.eval.interval < 0 or recipe.eval.batches <= 0:
-        raise RecipeError("eval.interval must be >= 0 and eval.batches > 0")
-    if recipe.checkpoint.interval <= 0 or recipe.checkpoint.keep_last < 0:
-        raise RecipeError("checkpoint.interval must be > 0 and checkpoint.keep_last >= 0")
     try:
         config = recipe.model_config()
     except ConfigError as err:
@@ -407,17 +245,12 @@ def _validate_stages(recipe: Recipe, config: TurboSConfig) -> None:
         where = f"stages[{i}] ({stage.name!r})"
         if (stage.steps is None) == (stage.tokens is None):
             raise RecipeError(f"{where}: give exactly one of 'steps' and 'tokens'")
-        if (stage.steps or stage.tokens or 0) <= 0:
-            raise RecipeError(f"{where}: steps/tokens must be > 0")
         seq_len = stage.seq_len or recipe.data.seq_len
-        _positive(seq_len, f"{where}.seq_len")
         if seq_len > config.max_position_embeddings:
             raise RecipeError(
                 f"{where}: seq_len {seq_len} exceeds the model's max_position_embeddings "
                 f"{config.max_position_embeddings} (raise it in model.overrides)"
             )
-        if stage.rope_alpha < 1:
-            raise RecipeError(f"{where}: rope_alpha must be >= 1 (1 is plain RoPE), got {stage.rope_alpha}")
         if seq_len < prev_len or stage.rope_alpha < prev_alpha:
             raise RecipeError(
                 f"{where}: stages out of order: seq_len and rope_alpha must not decrease "
@@ -427,13 +260,10 @@ def _validate_stages(recipe: Recipe, config: TurboSConfig) -> None:
         for name in ("sources", "long_sources"):
             if getattr(stage, name) is not None:
                 _check_sources(getattr(stage, name), f"{where}.{name}")
-        _positive(stage.lr, f"{where}.lr")
-        _positive(stage.batch_size, f"{where}.batch_size")
-        _positive(stage.grad_accum, f"{where}.grad_accum")
         ratio = stage.short_long_ratio
         if (ratio is None) != (stage.long_sources is None):
             raise RecipeError(f"{where}: long_sources and short_long_ratio go together")
-        if ratio is not None and (len(ratio) != 2 or min(ratio) <= 0):
+        if ratio is not None and len(ratio) != 2:
             raise RecipeError(f"{where}: short_long_ratio must be two positive weights, got {ratio}")
     plans = plan_stages(recipe)
     if recipe.schedule.warmup_steps > plans[0].steps:

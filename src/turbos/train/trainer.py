@@ -1,10 +1,11 @@
-"""The pre-training loop: stages, gradient accumulation, clipping, validation, metrics, checkpoints.
+"""Pre-training on the shared loop (``turbos.train.loop``): stages, validation, the LM loss.
 
 One global step counter runs through the recipe's stages (report §2.3-2.4). Entering a stage
 sets its sequence length, batch and NTK RoPE alpha (``rotary_emb.set_alpha``; the alpha is also
-written into the model config, so checkpoints carry it) and opens its data stream. A step
-accumulates ``grad_accum`` micro-batches of (lm_loss + weighted MoE aux loss) / grad_accum, clips
-the global grad norm, sets each param group's LR from the schedule and steps AdamW.
+written into the model config, so checkpoints carry it) and opens its data stream, the loop's
+batch source. A step accumulates ``grad_accum`` micro-batches of (lm_loss + weighted MoE aux
+loss) / grad_accum; the loop clips, sets each param group's LR from the WSD schedule and steps
+AdamW.
 
 Resume is exact: weights, optimizer, schedule position, data position and every RNG (MoE recycle
 routing draws from torch's global generator) come back from the checkpoint, so N/2 steps +
@@ -14,27 +15,28 @@ the recipe (less ``RESUMABLE_CHANGES``) and refuses to resume under a different 
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
+from torch import nn
 
 from turbos.config import TurboSConfig
+from turbos.data.packing import eos_token_id
+from turbos.device import resolve_device
 from turbos.model import TurboSForCausalLM
-from turbos.train.checkpoint import load_checkpoint, open_run_dir, read_trainer_state, save_checkpoint
-from turbos.train.data import BatchStream, prepare_tokenizer, stage_corpus, train_batches, validation_batches
-from turbos.train.evaluate import autocast_context, evaluate_loss, perplexity, resolve_device, row_loss
-from turbos.train.metrics import METRICS_FILE, MetricsLog, summarize_moe
-from turbos.train.optim import build_optimizer, expert_lr_scale, set_lr
+from turbos.train.checkpoint import open_run_dir, recipe_state
+from turbos.train.data import PackedBatch, prepare_tokenizer, stage_corpus, train_batches, validation_batches
+from turbos.train.evaluate import evaluate_loss, perplexity, row_loss
+from turbos.train.loop import LoopSettings, LossFn, TrainLoop
+from turbos.train.metrics import METRICS_FILE, moe_counts
+from turbos.train.optim import build_optimizer, expert_lr_scale
 from turbos.train.recipe import Recipe, StagePlan, plan_stages
 from turbos.train.schedule import LRSchedule
 
@@ -45,72 +47,79 @@ RECIPE_FILE = "recipe.yaml"
 RESUMABLE_CHANGES = frozenset({"output_dir", "checkpoint", "eval", "device", "precision"})
 
 
-def recipe_state(recipe: Recipe) -> dict[str, Any]:
-    """What identifies a run's training (JSON types): the recipe less ``RESUMABLE_CHANGES``."""
-    state = json.loads(json.dumps(recipe.to_dict()))
-    return {key: value for key, value in state.items() if key not in RESUMABLE_CHANGES}
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-class Trainer:
+def lm_loss_fn(eos_id: int | None = None) -> LossFn:
+    """Pre-training's loss: next-token cross-entropy + the MoE aux loss on packed rows (documents
+    apart with ``eos_id``, see ``row_loss``), with its parts and the routing counts as metrics."""
+
+    def loss_fn(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = row_loss(model, batch.rows, eos_id)
+        metrics = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
+        return out.loss, {**metrics, **moe_counts(out.moe_stats)}
+
+    return loss_fn
+
+
+class Trainer(TrainLoop):
     """Runs a recipe in ``recipe.output_dir`` (the run directory).
 
     resume: a checkpoint directory, or 'auto' for the run's latest. Without it, a run directory
     that already holds checkpoints is refused unless ``overwrite`` (which deletes them).
+    parallelize: applied to the built model before the optimizer is (``TrainLoop``).
     """
 
     def __init__(
-        self, recipe: Recipe, resume: str | None = None, overwrite: bool = False, progress: bool = True
+        self,
+        recipe: Recipe,
+        resume: str | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        parallelize: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         self.recipe = recipe
-        self.run_dir = Path(recipe.output_dir)
-        self.progress = progress
-        self.recipe_state = recipe_state(recipe)
-        checkpoint = open_run_dir(self.run_dir, resume, overwrite, self.recipe_state)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        run_dir = Path(recipe.output_dir)
+        identity = recipe_state(recipe.to_dict(), RESUMABLE_CHANGES)
+        checkpoint = open_run_dir(run_dir, resume, overwrite, identity)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-        self.device = resolve_device(recipe.device)
+        device = resolve_device(recipe.device)
         seed_everything(recipe.seed)
         self.plans = plan_stages(recipe)
-        self.schedule = LRSchedule(recipe.optimizer.lr, recipe.schedule.warmup_steps, self.plans)
         if checkpoint is not None and recipe.data.tokenizer.path is None:
-            _restore_trained_tokenizer(checkpoint, self.run_dir / "tokenizer")
-        self.tokenizer, self.tokenizer_dir = prepare_tokenizer(recipe, self.run_dir, checkpoint is not None)
-        self.model = TurboSForCausalLM(self._model_config()).to(self.device).train()
-        config = self.model.config
-        opt = recipe.optimizer
-        self.optimizer = build_optimizer(
-            self.model,
-            lr=opt.lr,
-            betas=(opt.beta1, opt.beta2),
-            weight_decay=opt.weight_decay,
-            eps=opt.eps,
-            expert_scale=expert_lr_scale(
-                recipe.moe.expert_lr, config.num_experts_per_tok, config.num_experts
-            ),
-            decay_embeddings=opt.decay_embeddings,
-        )
-        self.step = 0
-        self.tokens_seen = 0
+            _restore_trained_tokenizer(checkpoint, run_dir / "tokenizer")
+        self.tokenizer, tokenizer_dir = prepare_tokenizer(recipe, run_dir, checkpoint is not None)
+        self.eos_id = eos_token_id(self.tokenizer) if recipe.data.reset_at_eos else None
+        model = TurboSForCausalLM(self._model_config()).to(device).train()
         self.stage: StagePlan | None = None
-        self.stream: BatchStream | None = None
-        self._batches: Iterator[torch.Tensor] | None = None
         self._val_batches: dict[int, list[torch.Tensor]] = {}
         self.last_val_loss: float | None = None
+        super().__init__(
+            model,
+            self._build_optimizer(model.config),
+            LRSchedule(recipe.optimizer.lr, recipe.schedule.warmup_steps, self.plans),
+            None,  # each stage's stream, opened when the stage is entered
+            lm_loss_fn(self.eos_id),
+            LoopSettings(
+                run_dir=run_dir,
+                recipe_state=identity,
+                device=device,
+                precision=recipe.precision,
+                grad_clip=recipe.optimizer.grad_clip,
+                checkpoint_interval=recipe.checkpoint.interval,
+                keep_last=recipe.checkpoint.keep_last,
+                tokenizer_dir=tokenizer_dir,
+                progress=progress,
+            ),
+            parallelize,
+        )
         if checkpoint is not None:
-            state = read_trainer_state(checkpoint)
-            self._enter_stage(self.plans[state["stage"]])
-            load_checkpoint(checkpoint, self.model, self.optimizer)
-            self.stream.load_state_dict(state["data"])
-            self.step, self.tokens_seen = state["step"], state["tokens"]
-            self.last_val_loss = state.get("val_loss")
-        self.metrics = MetricsLog(self.run_dir, resume_step=self.step if checkpoint is not None else None)
+            self.last_val_loss = self.resume(checkpoint).get("val_loss")
 
     def _model_config(self) -> TurboSConfig:
         config = self.recipe.model_config()
@@ -123,62 +132,68 @@ class Trainer:
             )
         return config
 
-    # ------------------------------------------------------------------------------------ stages
+    def _build_optimizer(self, config: TurboSConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        opt = self.recipe.optimizer
+        scale = expert_lr_scale(self.recipe.moe.expert_lr, config.num_experts_per_tok, config.num_experts)
+
+        def build(model: nn.Module) -> torch.optim.Optimizer:
+            return build_optimizer(
+                model,
+                lr=opt.lr,
+                betas=(opt.beta1, opt.beta2),
+                weight_decay=opt.weight_decay,
+                eps=opt.eps,
+                expert_scale=scale,
+                decay_embeddings=opt.decay_embeddings,
+            )
+
+        return build
+
+    # ------------------------------------------------------------------------------- stages
     def _enter_stage(self, plan: StagePlan) -> None:
         self.stage = plan
         self.model.config.rope_alpha = plan.rope_alpha
         if self.model.model.rotary_emb is not None:
             self.model.model.rotary_emb.set_alpha(self.model.config.rope_theta, plan.rope_alpha)
-        self.stream = train_batches(self.recipe, plan, self.tokenizer)
-        self._batches = None  # opened at the first batch, after any resume position is loaded
+        self.batches = train_batches(self.recipe, plan, self.tokenizer)
 
-    def _next_batch(self) -> torch.Tensor:
-        if self._batches is None:
-            self._batches = iter(self.stream)
-        batch = next(self._batches, None)
-        if batch is None:
-            raise RuntimeError(f"stage {self.stage.name!r}: the training data gave no full batch")
-        return batch.to(self.device)
+    # ----------------------------------------------------------------------- the loop's hooks
+    def grad_accum(self) -> int:
+        return self.stage.grad_accum
 
-    # ------------------------------------------------------------------------------- train/eval
-    def _train_step(self) -> dict[str, Any]:
+    def begin(self) -> None:
+        if self.step == 0 and self.recipe.eval.interval:
+            self._enter_stage(self.plans[0])
+            record = {"step": 0, **self.record_fields(), **self._eval_record()}
+            self.log(record)
+            self.write(f"step 0: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
+
+    def before_step(self) -> None:
+        plan = self.schedule.stage_at(self.step)
+        if self.stage is None or plan.index != self.stage.index:
+            self._enter_stage(plan)
+
+    def after_step(self, record: dict[str, Any]) -> None:
+        every = self.recipe.eval.interval
+        if every and (self.step % every == 0 or self.step == self.stage.end):
+            record.update(self._eval_record())
+            self.write(f"step {self.step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
+
+    def describe(self) -> str:
         plan = self.stage
-        lrs = set_lr(self.optimizer, self.schedule(self.step))
-        start = time.perf_counter()
-        loss = lm_loss = aux_loss = 0.0
-        moe_stats = []
-        for _ in range(plan.grad_accum):
-            rows = self._next_batch()
-            with autocast_context(self.recipe.precision, self.device):
-                out = row_loss(self.model, rows)
-            (out.loss / plan.grad_accum).backward()
-            loss += out.loss.item() / plan.grad_accum
-            lm_loss += out.lm_loss.item() / plan.grad_accum
-            aux_loss += out.aux_loss.item() / plan.grad_accum
-            moe_stats.append(out.moe_stats)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {self.step + 1}; the last checkpoint is intact")
-        clip = self.recipe.optimizer.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += plan.tokens_per_step
-        seconds = time.perf_counter() - start
-        return {
-            "step": self.step,
-            "stage": plan.name,
-            "seq_len": plan.seq_len,
-            "loss": loss,
-            "lm_loss": lm_loss,
-            "aux_loss": aux_loss,
-            "lr": lrs,
-            "grad_norm": grad_norm,
-            "tokens": self.tokens_seen,
-            "tokens_per_s": plan.tokens_per_step / seconds,
-            **summarize_moe(moe_stats),
-        }
+        return f"{plan.name} (seq {plan.seq_len}, alpha {plan.rope_alpha:g})"
 
+    def record_fields(self) -> dict[str, Any]:
+        return {"stage": self.stage.name, "seq_len": self.stage.seq_len}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"stage": self.stage.index, "val_loss": self.last_val_loss}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._enter_stage(self.plans[state["stage"]])  # its RoPE alpha is part of the saved config
+        super().restore(state)
+
+    # ------------------------------------------------------------------------------ validation
     def validation_batches(self, plan: StagePlan) -> list[torch.Tensor]:
         """Fixed validation batches of a stage's data at its sequence length and batch size."""
         if plan.index not in self._val_batches:
@@ -195,75 +210,21 @@ class Trainer:
     def evaluate(self, plan: StagePlan | None = None) -> float:
         """Validation loss of the current model on a stage's validation batches (default: current)."""
         batches = self.validation_batches(plan or self.stage)
-        return evaluate_loss(self.model, batches, self.device, self.recipe.precision)
+        return evaluate_loss(self.model, batches, self.device, self.recipe.precision, self.eos_id)
 
     def _eval_record(self) -> dict[str, float]:
         self.last_val_loss = self.evaluate()
         return {"val_loss": self.last_val_loss, "val_ppl": perplexity(self.last_val_loss)}
 
-    def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "stage": self.stage.index,
-            "stage_name": self.stage.name,
-            "tokens": self.tokens_seen,
-            "schedule": {"step": self.step, "next_lr": self.schedule(self.step)},
-            "data": self.stream.state_dict(),
-            "val_loss": self.last_val_loss,
-            "recipe": self.recipe_state,
-        }
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            state,
-            self.tokenizer_dir,
-            self.recipe.checkpoint.keep_last,
-        )
-
     def train(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to the end of the last stage (or to global step ``stop_at``); returns a summary."""
-        total = self.schedule.total_steps
-        end = total if stop_at is None else min(stop_at, total)
-        every_eval, every_save = self.recipe.eval.interval, self.recipe.checkpoint.interval
         started = time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        if self.step == 0 and every_eval:
-            self._enter_stage(self.schedule.stage_at(0))
-            record = {
-                "step": 0,
-                "stage": self.stage.name,
-                "seq_len": self.stage.seq_len,
-                **self._eval_record(),
-            }
-            self.metrics.write(record)
-            bar.write(f"step 0: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
-        while self.step < end:
-            plan = self.schedule.stage_at(self.step)
-            if self.stage is None or plan.index != self.stage.index:
-                self._enter_stage(plan)
-            bar.set_description(f"{plan.name} (seq {plan.seq_len}, alpha {plan.rope_alpha:g})", refresh=False)
-            record = self._train_step()
-            stage_done = self.step == plan.end
-            if every_eval and (self.step % every_eval == 0 or stage_done):
-                record.update(self._eval_record())
-                bar.write(
-                    f"step {self.step}: val loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
-                )
-            self.metrics.write(record)
-            bar.set_postfix(
-                loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False
-            )
-            bar.update(1)
-            if self.step % every_save == 0 or self.step == end:
-                self.save()
-        bar.close()
+        super().train(stop_at)
         return {
             "run_dir": str(self.run_dir),
             "steps": self.step,
-            "total_steps": total,
-            "tokens": self.tokens_seen,
+            "total_steps": self.schedule.total_steps,
+            "tokens": self.tokens,
             "wall_s": time.perf_counter() - started,
             "val_loss": self.last_val_loss,
             "metrics": str(self.run_dir / METRICS_FILE),
