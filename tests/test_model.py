@@ -32,6 +32,19 @@ def test_loss_ignores_masked_labels_and_includes_aux_loss() -> None:
     assert out.aux_loss > 0 and torch.allclose(out.loss, out.lm_loss + out.aux_loss)
 
 
+def test_logits_index_gives_the_full_logits_at_those_positions_only() -> None:
+    torch.manual_seed(0)
+    model = TurboSForCausalLM(small_config()).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    index = torch.tensor([0, 4, 8, 10, 17])  # flat row * 9 + t
+    full = model(ids).logits.flatten(0, 1)[index]
+    picked = model(ids, logits_index=index).logits
+    assert picked.shape == (5, model.config.vocab_size)
+    assert torch.allclose(picked, full, atol=1e-6), "the same hidden states through the LM head (fp32)"
+    with pytest.raises(ValueError, match="logits_index"):
+        model(ids, labels=ids, logits_index=index)
+
+
 def test_router_losses_only_when_training_or_labelled() -> None:
     model = TurboSForCausalLM(small_config()).eval()
     ids = torch.randint(0, 97, (2, 10))

@@ -111,7 +111,10 @@ def test_sequence_loss_weighs_every_reply_alike() -> None:
     )
     short = per_token[0, 0]
     long = per_token[1].mean()
-    assert sequence_mean_loss(logits, labels).item() == pytest.approx(((short + long) / 2).item(), rel=1e-5)
+    keep = labels[:, 1:] != -100
+    conversation = torch.arange(2)[:, None].expand(2, 5)[keep]
+    mean = sequence_mean_loss(logits[:, :-1][keep], labels[:, 1:][keep], conversation, 2)
+    assert mean.item() == pytest.approx(((short + long) / 2).item(), rel=1e-5)
     token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     assert token_mean.item() == pytest.approx(((short + 5 * long) / 6).item(), rel=1e-5)
     with pytest.raises(ConfigError, match="loss_normalization"):
@@ -135,8 +138,12 @@ def test_packing_fills_rows_first_fit_decreasing_and_no_conversation_predicts_th
         [first, 3, 3, 3, first, 4, IGNORE_INDEX, IGNORE_INDEX],
     ]
     assert batch.num_tokens == 14
+    assert batch.target_index.tolist() == [0, 1, 2, 3, 5, 6, 8, 9, 10, 12], "positions before targets"
+    assert batch.target_ids.tolist() == [1, 1, 1, 1, 2, 2, 3, 3, 3, 4]
+    assert batch.target_conversation.tolist() == [0] * 4 + [1] * 2 + [2] * 3 + [3]
     unpacked = collate(ids, ids)
     assert unpacked.seq_idx is None and unpacked.input_ids.shape == (4, 5)
+    assert unpacked.target_ids.tolist() == batch.target_ids.tolist(), "the same targets either way"
 
 
 def test_packed_batches_have_the_drawn_conversations_in_rows_as_wide_as_the_longest() -> None:

@@ -39,7 +39,7 @@ class CausalLMOutput:
     """What ``TurboSForCausalLM.forward`` returns."""
 
     logits: torch.Tensor
-    """(b, T, vocab), or (b, logits_to_keep, vocab)."""
+    """(b, T, vocab); (b, logits_to_keep, vocab); or (n, vocab) at the positions of logits_index."""
     loss: torch.Tensor | None = None
     """lm_loss + aux_loss, when labels are given."""
     lm_loss: torch.Tensor | None = None
@@ -269,6 +269,7 @@ class TurboSForCausalLM(nn.Module):
         logits_to_keep: int = 0,
         router_losses: bool | None = None,
         seq_idx: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits (b, T, vocab) for the next token at each position (or the last ``logits_to_keep``).
 
@@ -280,7 +281,11 @@ class TurboSForCausalLM(nn.Module):
         ``moe_stats``); by default when training or when labels are given, so inference skips them.
         seq_idx: (b, T) long, each token's document within its row, for packed sequences
         (``turbos.model.context``); positions then restart at 0 in every document.
+        logits_index: (n,) long flat positions (row * T + t): logits only there, (n, vocab), for
+        losses on a few positions (SFT replies): the LM head and softmax skip the rest.
         """
+        if logits_index is not None and (labels is not None or logits_to_keep):
+            raise ValueError("logits_index selects its own positions; do not combine it with labels")
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(self.config, input_ids.shape[0], device=input_ids.device)
         if router_losses is None:
@@ -290,6 +295,8 @@ class TurboSForCausalLM(nn.Module):
         )
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        elif logits_index is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, logits_index)
         logits = self.lm_head(hidden)
         out = CausalLMOutput(logits=logits, aux_loss=aux, past_key_values=past_key_values, moe_stats=stats)
         if labels is not None:

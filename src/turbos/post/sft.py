@@ -262,6 +262,13 @@ class ChatBatch:
     seq_idx: torch.Tensor | None
     """Each token's conversation within its row (packed rows; padding counts as the last one);
     None with one conversation per row."""
+    target_index: torch.Tensor
+    """(n,) flat positions (row * width + t) whose next token is a target: where logits are needed."""
+    target_ids: torch.Tensor
+    """(n,) the target token predicted at each of ``target_index``."""
+    target_conversation: torch.Tensor
+    """(n,) the conversation (0 .. batch size - 1) each target belongs to."""
+    num_conversations: int
     num_tokens: int
     """Real tokens (padding excluded)."""
     weight: float = 1.0
@@ -270,10 +277,11 @@ class ChatBatch:
     def to(self, device: torch.device) -> ChatBatch:
         return replace(
             self,
-            input_ids=self.input_ids.to(device),
-            labels=self.labels.to(device),
-            attention_mask=self.attention_mask.to(device),
-            seq_idx=None if self.seq_idx is None else self.seq_idx.to(device),
+            **{
+                name: None if value is None else value.to(device)
+                for name, value in vars(self).items()
+                if isinstance(value, torch.Tensor) or name == "seq_idx"
+            },
         )
 
 
@@ -281,22 +289,41 @@ def collate(
     ids: Sequence[list[int]], labels: Sequence[list[int]], pack_len: int | None = None, weight: float = 1.0
 ) -> ChatBatch:
     """Conversations as one right-padded micro-batch: one per row, or with ``pack_len`` packed into
-    as few rows of at most that many tokens as first-fit decreasing finds, back to back."""
+    as few rows of at most that many tokens as first-fit decreasing finds, back to back. The
+    targets' positions are found here, on the host, so the loss reads nothing back from the device."""
     lengths = [len(x) for x in ids]
     rows = first_fit_decreasing(lengths, pack_len) if pack_len else [[i] for i in range(len(ids))]
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), PAD_ID)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     target = torch.full((len(rows), width), IGNORE_INDEX)
+    index, conversation = [], []
     for r, row in enumerate(rows):
         at = 0
         for i in row:
             input_ids[r, at : at + lengths[i]] = torch.tensor(ids[i])
-            target[r, at + 1 : at + lengths[i]] = torch.tensor(labels[i][1:])
+            later = torch.tensor(labels[i][1:])
+            target[r, at + 1 : at + lengths[i]] = later
+            where = torch.nonzero(later != IGNORE_INDEX).squeeze(1)
+            index.append(r * width + at + where)  # the position before each target predicts it
+            conversation.append(torch.full_like(where, i))
             at += lengths[i]
         mask[r, :at] = 1
     seq_idx = seq_idx_from_lengths([[lengths[i] for i in row] for row in rows], width) if pack_len else None
-    return ChatBatch(input_ids, target, mask, seq_idx, sum(lengths), weight)
+    target_index = torch.cat(index)
+    target_ids = target.flatten().index_select(0, target_index + 1)
+    return ChatBatch(
+        input_ids,
+        target,
+        mask,
+        seq_idx,
+        target_index,
+        target_ids,
+        torch.cat(conversation),
+        len(ids),
+        sum(lengths),
+        weight,
+    )
 
 
 def row_sampler(data: EncodedData, weights: Sequence[float]) -> torch.Tensor:
@@ -374,26 +401,13 @@ class ChatBatches:
 
 # ----------------------------------------------------------------------------------------- train
 def sequence_mean_loss(
-    logits: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor, conversation: torch.Tensor, num_conversations: int
 ) -> torch.Tensor:
     """Next-token loss averaged per conversation over its target tokens, then over conversations
-    that have any. A conversation is a row, or with ``seq_idx`` (packed rows) a document of one."""
-    targets = labels[:, 1:]
-    losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
-    if seq_idx is None:
-        counts = (targets != IGNORE_INDEX).sum(1)
-        has = counts > 0
-        return (losses.sum(1)[has] / counts[has]).mean()
-    # Number the conversations of all rows apart (a row of width W holds fewer than W of them);
-    # the losses of ignored targets are 0. No boolean indexing: nothing waits for the device.
-    rows, width = targets.shape
-    conversation = (seq_idx[:, 1:] + width * torch.arange(rows, device=seq_idx.device)[:, None]).flatten()
-    sums = losses.new_zeros(rows * width).index_add_(0, conversation, losses.flatten())
-    counts = losses.new_zeros(rows * width).index_add_(
-        0, conversation, (targets != IGNORE_INDEX).flatten().float()
-    )
+    that have any. logits (n, vocab) at the targets' positions; targets and conversation (n,)."""
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = losses.new_zeros(num_conversations).index_add_(0, conversation, losses)
+    counts = losses.new_zeros(num_conversations).index_add_(0, conversation, torch.ones_like(losses))
     has = counts > 0
     return torch.where(has, sums / counts.clamp(min=1), 0).sum() / has.sum()
 
@@ -401,21 +415,23 @@ def sequence_mean_loss(
 def sft_loss_fn(per_sequence: bool) -> LossFn:
     """SFT's loss on a ``ChatBatch``: the assistant-token loss (mean over tokens, or with
     ``per_sequence`` over conversations, ``sequence_mean_loss``) times the batch weight, plus the
-    MoE aux loss; logged with its parts and the routing counts."""
+    MoE aux loss; logged with its parts and the routing counts. Logits are computed at the
+    targets' positions only (``logits_index``): the prompts' positions need none."""
 
     def loss_fn(model: nn.Module, batch: ChatBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Sequence loss is computed here from the logits, so the model need not compute the token
-        # loss as well.
         result = model(
             batch.input_ids,
             attention_mask=batch.attention_mask,
-            labels=None if per_sequence else batch.labels,
             router_losses=True,
             seq_idx=batch.seq_idx,
+            logits_index=batch.target_index,
         )
-        lm_loss = (
-            sequence_mean_loss(result.logits, batch.labels, batch.seq_idx) if per_sequence else result.lm_loss
-        )
+        if per_sequence:
+            lm_loss = sequence_mean_loss(
+                result.logits, batch.target_ids, batch.target_conversation, batch.num_conversations
+            )
+        else:
+            lm_loss = F.cross_entropy(result.logits.float(), batch.target_ids)
         metrics = {
             "loss": lm_loss.double() + result.aux_loss.double(),
             "lm_loss": lm_loss,
