@@ -137,6 +137,10 @@ def test_loading_weights_that_do_not_match_the_config_fails_clearly(tmp_path) ->
     small_config(layout="AMF MF").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not match config.json"):
         TurboSForCausalLM.from_pretrained(tmp_path)
+    small_config(hidden_size=2 * small_config().hidden_size).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"another shape, e\.g\. .* is \(") as err:
+        TurboSForCausalLM.from_pretrained(tmp_path)
+    assert "\n" not in str(err.value), "one line, not load_state_dict's list of every mismatch"
     (tmp_path / "config.json").write_text('{"layout": "AQF"}')
     with pytest.raises(ConfigError, match="unknown layer letter"):
         TurboSForCausalLM.from_pretrained(tmp_path)

@@ -347,6 +347,14 @@ class TurboSForCausalLM(nn.Module):
                 f"{weights} does not match config.json: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
+        expected = model.state_dict()
+        wrong = [name for name, tensor in state.items() if tensor.shape != expected[name].shape]
+        if wrong:
+            name = sorted(wrong)[0]
+            raise ValueError(
+                f"{weights} does not match config.json: {len(wrong)} tensor(s) of another shape, e.g. "
+                f"{name} is {tuple(state[name].shape)}, the config needs {tuple(expected[name].shape)}"
+            )
         model.load_state_dict(state, strict=False)
         model.to(device=device, dtype=dtype)
         return model.eval()
