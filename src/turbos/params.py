@@ -60,36 +60,6 @@ def count_parameters(config: TurboSConfig) -> dict[str, dict[str, int]]:
     return out
 
 
-def component_of(parameter_name: str) -> str:
-    """The accounting row a parameter of TurboSForCausalLM belongs to (used by tests)."""
-    if parameter_name.startswith("model.embed_tokens"):
-        return "embeddings"
-    if parameter_name.startswith("lm_head"):
-        return "lm_head"
-    if parameter_name.endswith("norm.weight") and ".mixer." not in parameter_name:
-        return "norms"
-    if (
-        ".mixer.q_proj" in parameter_name
-        or "layernorm" in parameter_name
-        or ".mixer.k_proj" in parameter_name
-    ):
-        return "attention"
-    if ".mixer.v_proj" in parameter_name or ".mixer.o_proj" in parameter_name:
-        return "attention"
-    if ".mixer.shared_mlp." in parameter_name:
-        return "shared_experts"
-    if ".mixer.experts." in parameter_name:
-        return "routed_experts"
-    if ".mixer.gate." in parameter_name:
-        return "router"
-    if any(
-        k in parameter_name
-        for k in (".in_proj", ".conv1d", ".dt_bias", ".A_log", ".D", ".out_proj", ".norm.")
-    ):
-        return "mamba2"
-    return "dense_ffn"
-
-
 def format_count(n: int) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
