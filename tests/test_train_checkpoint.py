@@ -118,8 +118,8 @@ def test_a_rewind_sets_the_abandoned_branch_aside_and_resume_auto_follows_the_ne
 def test_resuming_under_a_different_recipe_names_the_differing_fields(tmp_path: Path) -> None:
     model, optimizer = model_and_optimizer()
     recipe = {"lr": 1e-3, "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 4}]}
-    ckpt.save_checkpoint(tmp_path, 2, model, optimizer, {"step": 2, "recipe": recipe})
-    assert ckpt.open_run_dir(tmp_path, "auto", False, recipe) is not None
+    saved = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, {"step": 2, "recipe": recipe})
+    assert ckpt.open_run_dir(tmp_path, "auto", False, recipe) == saved, "the same recipe resumes"
     changed = {"lr": 2e-3, "stages": [{"name": "a", "steps": 3}, {"name": "c", "steps": 4}]}
     with pytest.raises(ValueError, match=r"\['lr', 'stages\.0\.steps', 'stages\.1\.name'\] differ"):
         ckpt.open_run_dir(tmp_path, "auto", False, changed)
