@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import random
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from turbos.data.builtin import PythonDocstrings, ReasoningDocs
+from turbos.data.jsonl import read_jsonl
 
 Corpus = Iterable[str]
 SourceSpec = str | Mapping[str, Any]
@@ -84,18 +84,10 @@ class JsonlField:
         _expand(self.pattern)
 
     def _values(self, path: Path) -> Iterator[Any]:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-                if not isinstance(record, dict) or self.field not in record:
-                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(f"{path}:{number} has no field {self.field!r} (found: {found})")
-                yield record[self.field]
+        for number, record in read_jsonl(path, "JSONL"):
+            if self.field not in record:
+                raise ValueError(f"{path}:{number} has no field {self.field!r} (found: {sorted(record)})")
+            yield record[self.field]
 
     def __iter__(self) -> Iterator[str]:
         for path in _expand(self.pattern):
