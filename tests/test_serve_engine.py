@@ -1,5 +1,6 @@
 """The engine: continuous batching gives each request exactly what it would get alone (fp32,
-greedy, token for token), whatever joins or leaves the batch; cancellation frees the slot."""
+greedy, token for token), whatever joins or leaves the batch; cancellation frees the slot; n
+samples per prompt."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from turbos.serve import EngineConfig, LLMEngine, QueueFullError, SamplingParams
 from turbos.serve.async_engine import AsyncLLMEngine, EngineStoppedError
 from turbos.serve.cache_manager import SlotAttention
 from turbos.serve.engine import ContextLengthError
+from turbos.serve.sampling import SamplingParamsError
 
 
 def prompts(n: int, lengths: list[int], vocab: int) -> list[list[int]]:
@@ -74,6 +76,42 @@ def test_generate_returns_results_in_prompt_order(model, tokenizer) -> None:
     assert [r.prompt_ids for r in results] == batch, "more prompts than the queue holds still all run"
     assert [r.token_ids for r in results] == [greedy_alone(model, p, 5) for p in batch]
     assert all(r.finish_reason == "length" for r in results)
+    assert [r.index for r in results] == [0, 0, 0, 0]
+
+
+def test_generate_gives_n_samples_per_prompt_in_order_seeded_with_seed_plus_j(model, tokenizer) -> None:
+    """Sample j of a request seeded with s is what a lone request seeded with s + j gets; the
+    queue holds fewer sequences than the samples, which still all run."""
+    engine = LLMEngine(model, tokenizer, max_running=2, max_waiting=2)
+    batch = prompts(5, [4, 7], model.config.vocab_size)
+
+    def sampled(seed: int, n: int = 1) -> SamplingParams:
+        return SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=seed, n=n)
+
+    params = [sampled(seed=7, n=3), sampled(seed=20, n=2)]
+    results = engine.generate(batch, params)
+    assert [(r.prompt_ids, r.index) for r in results] == [
+        (batch[0], 0),
+        (batch[0], 1),
+        (batch[0], 2),
+        (batch[1], 0),
+        (batch[1], 1),
+    ]
+    assert len({tuple(r.token_ids) for r in results[:3]}) == 3, "a prompt's samples differ"
+    assert [r.token_ids for r in engine.generate(batch, params)] == [r.token_ids for r in results]
+    alone = [
+        engine.generate([prompt], sampled(seed))[0].token_ids
+        for prompt, seed in [(batch[0], 7), (batch[0], 8), (batch[0], 9), (batch[1], 20), (batch[1], 21)]
+    ]
+    assert [r.token_ids for r in results] == alone
+    assert not engine.has_unfinished()
+
+
+def test_add_request_queues_one_sample(model, tokenizer) -> None:
+    engine = LLMEngine(model, tokenizer)
+    with pytest.raises(SamplingParamsError, match="^n: ") as err:
+        engine.add_request([10, 11], SamplingParams(n=2))
+    assert err.value.param == "n" and not engine.has_unfinished()
 
 
 def test_abort_frees_the_slot_and_reports_abort(model, tokenizer) -> None:

@@ -1,5 +1,5 @@
 """Sampling parameters and the sampler: greedy, top-k, top-p, penalties, logit bias, bans, seeds,
-logprobs, extreme values; the detokenizer: exact text across split characters, stop strings never
+n samples, logprobs, extreme values; the detokenizer: exact text across split characters, stop strings never
 leaking; and the completions' logprob text offsets."""
 
 from __future__ import annotations
@@ -9,7 +9,14 @@ import torch
 
 from turbos.serve.detokenizer import IncrementalDetokenizer, token_bytes
 from turbos.serve.openai_format import Formatter
-from turbos.serve.sampling import Sampler, SamplingParams, SamplingParamsError, SamplingRow, TokenLogprobs
+from turbos.serve.sampling import (
+    MAX_N,
+    Sampler,
+    SamplingParams,
+    SamplingParamsError,
+    SamplingRow,
+    TokenLogprobs,
+)
 from turbos.serve.sequence import Sequence
 
 # probabilities 0.5, 0.3, 0.15, 0.05 over four tokens
@@ -130,6 +137,32 @@ def test_logprobs_are_the_models_log_softmax() -> None:
     assert [t for t, _ in lps[0].top] == expected.topk(3).indices.tolist()
 
 
+def test_logprobs_of_a_mixed_batch_are_exactly_each_rows_log_softmax() -> None:
+    """Rows without logprobs, with k = 0 and with different k, greedy and sampled, in one batch."""
+    logits = torch.randn(5, 40)
+    ks = [None, 0, 3, None, 5]
+    rows = [SamplingRow(SamplingParams(temperature=i % 2, logprobs=k), [], []) for i, k in enumerate(ks)]
+    tokens, lps = Sampler(torch.Generator().manual_seed(0))(logits, rows)
+    for i, (k, lp) in enumerate(zip(ks, lps, strict=True)):
+        if k is None:
+            assert lp is None
+            continue
+        expected = torch.log_softmax(logits[i].float(), -1)
+        assert lp.token_id == tokens[i] and lp.logprob == expected[tokens[i]].item()
+        values, ids = expected.topk(k)
+        assert lp.top == list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def test_samples_of_n_are_seeded_with_consecutive_seeds() -> None:
+    one = SamplingParams(seed=5, temperature=0.7)
+    assert one.samples() == [one] and one.samples()[0] is one, "n = 1 is the request itself"
+    three = SamplingParams(seed=5, temperature=0.7, n=3)
+    assert [(p.n, p.seed, p.temperature) for p in three.samples()] == [(1, 5, 0.7), (1, 6, 0.7), (1, 7, 0.7)]
+    assert [p.seed for p in SamplingParams(n=2).samples()] == [None, None]
+    top = SamplingParams(seed=2**64 - 1, n=3).samples()
+    assert [p.seed for p in top] == [2**64 - 1, 0, 1], "wrapped into 64 bits, as torch reads seeds"
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -155,6 +188,10 @@ def test_logprobs_are_the_models_log_softmax() -> None:
         ("stop", [3]),
         ("stop_token_ids", [-1]),
         ("logprobs", 21),
+        ("n", 0),
+        ("n", MAX_N + 1),
+        ("n", 2.0),
+        ("n", True),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(field, value) -> None:

@@ -1,6 +1,7 @@
 """`turbos serve` against the official `openai` client on 127.0.0.1: chat, streaming, completions,
-thinking modes, logit bias, logprob offsets, API key, OpenAI-style errors (4xx, never 500, for bad
-input; one client's extreme request never fails another's), cancellation, engine errors."""
+n samples per prompt, thinking modes, logit bias, logprob offsets, API key, OpenAI-style errors
+(4xx, never 500, for bad input; one client's extreme request never fails another's),
+cancellation, engine errors."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 from serve_helpers import post_raw, running_server, wait_until
 from turbos.data.tokenizer import END_THINK_TOKEN, END_TOKEN, EOS_TOKEN, THINK_TOKEN
 from turbos.serve import LLMEngine, SamplingParams
+from turbos.serve.sampling import MAX_N
 
 MAX_BODY = 64 * 1024
 
@@ -104,6 +106,75 @@ def test_completions_whole_streamed_and_batched_agree(client) -> None:
     )
     assert streamed == whole.choices[0].text == batched.choices[0].text
     assert [c.index for c in batched.choices] == [0, 1]
+
+
+def chat_texts(choice) -> tuple[str, str]:
+    """A chat choice's (reasoning, content), from its message or its stream deltas."""
+    part = getattr(choice, "message", None) or choice.delta
+    return getattr(part, "reasoning_content", None) or "", part.content or ""
+
+
+def test_chat_with_n_gives_n_choices_whole_and_streamed(client) -> None:
+    """Seeded samples do not depend on the batch they run in, so the streamed choices equal the
+    whole ones; usage counts the prompt once and every choice's tokens."""
+    kwargs = {"temperature": 1.0, "seed": 3, "max_tokens": 6, "n": 2, "logprobs": True}
+    whole = chat(client, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage.prompt_tokens == chat(client, max_tokens=1).usage.prompt_tokens
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.content) for c in whole.choices)
+    assert whole.choices[0].message.content != whole.choices[1].message.content, "sampled with seeds 3, 4"
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, **kwargs))
+    streamed = {0: ("", ""), 1: ("", "")}
+    finishes = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        (reasoning, content), (more_reasoning, more_content) = streamed[choice.index], chat_texts(choice)
+        streamed[choice.index] = (reasoning + more_reasoning, content + more_content)
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert [streamed[0], streamed[1]] == [chat_texts(c) for c in whole.choices]
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].usage == whole.usage, "usage chunk comes last"
+
+
+def test_completions_with_n_index_choices_prompt_times_n_plus_j(client) -> None:
+    kwargs = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    alone = [client.completions.create(prompt=p, **kwargs) for p in ("Question: 1+1", "Q")]
+    whole = client.completions.create(prompt=["Question: 1+1", "Q"], n=2, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone), "each prompt once"
+    assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    chunks = list(
+        client.completions.create(
+            prompt=["Question: 1+1", "Q"], n=2, stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    )
+    texts = ["", "", "", ""]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
+    assert chunks[-1].usage == whole.usage
+
+
+@pytest.mark.parametrize(
+    ("path", "extra"),
+    [
+        ("/v1/chat/completions", {"n": 0}),
+        ("/v1/chat/completions", {"n": MAX_N + 1}),
+        ("/v1/chat/completions", {"n": True}),
+        ("/v1/chat/completions", {"n": 9}),  # more than the 8 sequences the queue holds
+        ("/v1/completions", {"n": -1}),
+        ("/v1/completions", {"n": "2"}),
+        ("/v1/completions", {"n": 3, "prompt": ["a", "b", "c"]}),
+    ],
+)
+def test_a_bad_n_gets_400_naming_n(server, path, extra) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "prompt": "x", **extra}
+    status, error = post_raw(f"{server[0]}{path}", json.dumps(body).encode())
+    assert status == 400 and error["error"]["param"] == "n", error
+    assert not server[1].engine.has_unfinished(), "nothing was queued"
 
 
 def test_seeded_sampling_is_reproducible(client) -> None:
@@ -205,7 +276,7 @@ BAD_REQUESTS = {
     "bool max_tokens": json.dumps(
         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": True}
     ).encode(),
-    "n = 3": json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}).encode(),
+    "n = 0": json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}).encode(),
     "bad thinking mode": json.dumps(
         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "thinking": "maybe"}
     ).encode(),
@@ -454,6 +525,24 @@ def test_closing_a_stream_cancels_the_request_and_frees_its_slot(client, server,
     finally:
         slow.remove()
     assert aborted == [request_id], "the server aborted the request when the client went away"
+
+
+def test_closing_a_stream_of_n_samples_cancels_them_all(client, server, model, monkeypatch) -> None:
+    engine = server[1].engine
+    aborted = []
+    monkeypatch.setattr(
+        engine, "abort", lambda request_id: aborted.append(request_id) or LLMEngine.abort(engine, request_id)
+    )
+    slow = model.register_forward_hook(lambda *args: time.sleep(0.02))
+    try:
+        stream = chat(client, max_tokens=200, n=2, stream=True, extra_body={"ignore_eos": True})
+        request_id = next(iter(stream)).id
+        assert wait_until(lambda: engine.num_running == 2)
+        stream.close()
+        assert wait_until(lambda: engine.num_running == 0 and not engine.has_unfinished()), "slots not freed"
+    finally:
+        slow.remove()
+    assert sorted(aborted) == [f"{request_id}-0", f"{request_id}-1"]
 
 
 def test_health_and_metrics(server, client) -> None:

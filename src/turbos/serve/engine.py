@@ -52,6 +52,8 @@ class GenerationResult:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    index: int = 0
+    """Which of its prompt's ``SamplingParams.n`` samples this is, from 0."""
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids += out.token_ids
@@ -152,9 +154,12 @@ class LLMEngine:
     def add_request(
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
-        """Queue a request; returns its id. Raises QueueFullError, ContextLengthError,
-        SamplingParamsError (a logit_bias id beyond the vocabulary), ValueError."""
+        """Queue a request, one sample (``generate`` and the server expand ``params.n`` with
+        ``SamplingParams.samples``); returns its id. Raises QueueFullError, ContextLengthError,
+        SamplingParamsError (n > 1, a logit_bias id beyond the vocabulary), ValueError."""
         params = params or SamplingParams()
+        if params.n != 1:
+            raise SamplingParamsError("n", "add_request queues one sample; queue each of params.samples()")
         prompt_ids, max_tokens = self._check_request(prompt, params)
         return self._queue(prompt_ids, params, max_tokens, request_id)
 
@@ -306,27 +311,31 @@ class LLMEngine:
     ) -> list[GenerationResult]:
         """Run every prompt to completion, batched; results in prompt order.
 
-        Every prompt is checked before any is queued: an invalid one raises what ``add_request``
-        raises, its message prefixed with the prompt's index, and leaves the engine as it was.
-        Not to be mixed with an ``AsyncLLMEngine`` running the same engine.
+        A prompt whose params have n = k gives k results, its samples 0..k-1 (``index``) one after
+        another: prompt 0's samples, then prompt 1's, and so on. Sample j of a seeded request is
+        seeded with seed + j (``SamplingParams.samples``); unseeded ones draw from the engine's
+        generator. Every prompt is checked before any is queued: an invalid one raises what
+        ``add_request`` raises, its message prefixed with the prompt's index, and leaves the
+        engine as it was. Not to be mixed with an ``AsyncLLMEngine`` running the same engine.
         """
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        pending: deque[tuple[list[int], int, SamplingParams]] = deque()
+        pending: deque[tuple[list[int], int, SamplingParams, int]] = deque()
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                pending.append((*self._check_request(prompt, p), p))
+                prompt_ids, max_tokens = self._check_request(prompt, p)
             except ValueError as err:
                 err.args = (f"prompt {index}: {err}",)
                 raise
+            pending.extend((prompt_ids, max_tokens, sample, j) for j, sample in enumerate(p.samples()))
         results: dict[str, GenerationResult] = {}
         while pending or self.has_unfinished():
             while pending and self.scheduler.num_waiting < self.scheduler.max_waiting:
-                prompt_ids, max_tokens, p = pending.popleft()
-                request_id = self._queue(prompt_ids, p, max_tokens, None)
-                results[request_id] = GenerationResult(request_id, prompt_ids)
+                prompt_ids, max_tokens, sample, j = pending.popleft()
+                request_id = self._queue(prompt_ids, sample, max_tokens, None)
+                results[request_id] = GenerationResult(request_id, prompt_ids, index=j)
             for out in self.step():
                 results[out.request_id].add(out)
         return list(results.values())

@@ -55,34 +55,38 @@ class Formatter:
             content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
         return {"content": content}
 
-    def chat_response(
+    def chat_choice(
         self,
+        index: int,
         reasoning: str | None,
         content: str,
         finish_reason: str | None,
         logprobs: dict | None,
-        prompt_tokens: int,
-        completion_tokens: int,
     ) -> dict:
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def chat_response(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-            ],
+            "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens),
         }
 
-    def chat_chunk(self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    def chat_chunk(
+        self, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None, index: int = 0
+    ) -> dict:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            ],
         }
 
     def chat_usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:

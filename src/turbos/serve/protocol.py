@@ -95,6 +95,7 @@ class _SamplingFields(_Strict):
                 "presence_penalty",
                 "frequency_penalty",
                 "seed",
+                "n",
             )
             if getattr(self, name) is not None
         }

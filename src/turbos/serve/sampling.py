@@ -15,7 +15,7 @@ not of the processed distribution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,6 +29,8 @@ class SamplingParamsError(ValueError):
 
 
 MAX_LOGPROBS = 20
+MAX_N = 64
+"""Samples per prompt at most (``SamplingParams.n``)."""
 MAX_STOP_STRINGS = 16
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily, as in vLLM (a draw there is all but the argmax)."""
@@ -77,6 +79,8 @@ class SamplingParams:
     stop tokens there, so the reply starts with reasoning)."""
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: the chosen token's and the k most likely ones (<= 20)."""
+    n: int = 1
+    """Samples of the prompt, in [1, ``MAX_N``]; ``samples`` gives each one's parameters."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,10 +123,27 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             fail("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            fail("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def samples(self) -> list[SamplingParams]:
+        """The parameters of each of the n samples, each with n = 1: these when n = 1; else sample
+        j is seeded with seed + j (wrapped into 64 bits, as torch takes seeds), if seeded at all."""
+        if self.n == 1:
+            return [self]
+        return [
+            replace(self, n=1, seed=None if self.seed is None else _wrap_seed(self.seed + j))
+            for j in range(self.n)
+        ]
+
+
+def _wrap_seed(seed: int) -> int:
+    """A seed in the valid range that torch takes as the same one (torch reads it modulo 2**64)."""
+    return seed - 2**64 if seed >= 2**64 else seed
 
 
 @dataclass
@@ -228,17 +249,23 @@ class Sampler:
     def _logprobs(
         raw: torch.Tensor, tokens: list[int], rows: Sequence[SamplingRow]
     ) -> list[TokenLogprobs | None]:
+        """The model's log-probabilities (log-softmax of ``raw``) of each chosen token and of the
+        k most likely ones, for the rows that ask for them: one gather for all the chosen tokens,
+        one top-k per distinct k (a top-k of the largest k, cut, could order ties differently)."""
         wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if not wanted:
             return out
         logp = raw[wanted].log_softmax(-1)
+        chosen_ids = torch.tensor([tokens[i] for i in wanted], device=logp.device)
+        chosen = logp.gather(-1, chosen_ids[:, None])[:, 0].tolist()
+        ks = [rows[i].params.logprobs for i in wanted]
+        top: list[list[tuple[int, float]]] = [[] for _ in wanted]
+        for k in sorted(set(ks) - {0}):
+            group = [j for j, k_j in enumerate(ks) if k_j == k]
+            values, ids = logp[group].topk(k)
+            for j, row_ids, row_values in zip(group, ids.tolist(), values.tolist(), strict=True):
+                top[j] = list(zip(row_ids, row_values, strict=True))
         for j, i in enumerate(wanted):
-            k = rows[i].params.logprobs
-            values, ids = logp[j].topk(k) if k else (logp[j, :0], logp[j, :0].long())
-            out[i] = TokenLogprobs(
-                token_id=tokens[i],
-                logprob=logp[j, tokens[i]].item(),
-                top=list(zip(ids.tolist(), values.tolist(), strict=True)),
-            )
+            out[i] = TokenLogprobs(token_id=tokens[i], logprob=chosen[j], top=top[j])
         return out

@@ -4,11 +4,13 @@ Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming
 events ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
 (Prometheus text). Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``:
 400 for a bad request (invalid JSON, wrong types, bad sampling values, prompt + max_tokens beyond
-the context, special-token text in chat messages, structured output or tools, more prompts than
-the waiting queue holds), 401 for a missing or wrong API key (when one is set), 404 for an unknown
-model, 413 for a body over the limit, 503 when the waiting queue is full or the server is
-shutting down.
+the context, special-token text in chat messages, structured output or tools, more sequences
+(prompts times ``n``) than the waiting queue holds), 401 for a missing or wrong API key (when one
+is set), 404 for an unknown model, 413 for a body over the limit, 503 when the waiting queue is
+full or the server is shutting down.
 A client that disconnects cancels its request, which frees its slot at the next engine step.
+``n`` samples of each prompt are n engine requests, answered as choices prompt_index * n + j
+(sample j of a seeded request is seeded with seed + j, ``SamplingParams.samples``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -61,6 +63,14 @@ class APIError(Exception):
 
 class _ClientGone(Exception):
     """The client disconnected before its response was ready."""
+
+
+class _Sample(NamedTuple):
+    """One engine request of an HTTP request: one sample of one of its prompts."""
+
+    request_id: str
+    queue: asyncio.Queue[RequestOutput]
+    prompt_ids: list[int]
 
 
 class GuardMiddleware:
@@ -143,8 +153,18 @@ class Server:
                 param="model",
                 code="model_not_found",
             )
-        if body.n not in (None, 1):
-            raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
+
+    def check_queue_room(self, num_prompts: int, n: int) -> None:
+        """400 for a request of more sequences (prompts times n) than the waiting queue holds."""
+        max_waiting = self.engine.max_waiting
+        if num_prompts * n > max_waiting:
+            raise APIError(
+                400,
+                f"{num_prompts * n} sequences in one request ({num_prompts} prompts, n={n}); this "
+                f"server queues at most {max_waiting}.",
+                param="prompt" if num_prompts > max_waiting else "n",
+                code="invalid_value",
+            )
 
     def params(self, body: ChatCompletionRequest | CompletionRequest, **kwargs: Any) -> SamplingParams:
         try:
@@ -166,6 +186,24 @@ class Server:
         except ValueError as err:
             raise APIError(400, str(err), param="prompt", code="invalid_value") from None
 
+    def submit_samples(self, prompts: list[list[int]], params: SamplingParams, base: str) -> list[_Sample]:
+        """Queue ``params.n`` samples of each prompt, in choice order (prompt_index * n + j), with
+        ids ``base-<choice>`` (``base`` when there is one); all or none: on an error, those queued
+        are aborted."""
+        per_prompt = params.samples()
+        count = len(prompts) * len(per_prompt)
+        samples: list[_Sample] = []
+        try:
+            for ids in prompts:
+                for sample_params in per_prompt:
+                    request_id = f"{base}-{len(samples)}" if count > 1 else base
+                    samples.append(_Sample(*self.submit(ids, sample_params, request_id), ids))
+        except APIError:
+            for sample in samples:
+                self.engine.abort(sample.request_id)
+            raise
+        return samples
+
     def record(self, endpoint: str, started: float, result: GenerationResult, first: float | None) -> None:
         self.metrics.record(
             endpoint,
@@ -176,17 +214,44 @@ class Server:
             None if first is None else first - started,
         )
 
-    async def _gather(
-        self, request_id: str, queue: asyncio.Queue, prompt_ids: list[int]
-    ) -> tuple[GenerationResult, float | None]:
-        result, first = GenerationResult(request_id, prompt_ids), None
-        async with contextlib.aclosing(self.engine.stream(request_id, queue)) as outputs:
+    async def _gather(self, sample: _Sample) -> tuple[GenerationResult, float | None]:
+        """A sample's whole result, and when its first token came."""
+        result, first = GenerationResult(sample.request_id, sample.prompt_ids), None
+        async with contextlib.aclosing(self.engine.stream(sample.request_id, sample.queue)) as outputs:
             async for out in outputs:
                 first = first or (time.monotonic() if out.token_ids else None)
                 result.add(out)
                 if out.error:
                     raise APIError(500, out.error, "internal_error", code="engine_error")
         return result, first
+
+    async def _gather_all(self, samples: list[_Sample]) -> list[tuple[GenerationResult, float | None]]:
+        """``_gather`` of each sample, in order; cancelling it cancels the requests not finished."""
+        return await asyncio.gather(*(self._gather(sample) for sample in samples))
+
+    async def _outputs(self, samples: list[_Sample]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The samples' outputs merged as they come, each with its sample's place in ``samples``;
+        closing it early cancels the requests not finished."""
+        merged: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(index: int, sample: _Sample) -> None:
+            async with contextlib.aclosing(self.engine.stream(sample.request_id, sample.queue)) as outputs:
+                async for out in outputs:
+                    await merged.put((index, out))
+            await merged.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, sample)) for i, sample in enumerate(samples)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, out = await merged.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield index, out
+        finally:
+            for task in tasks:
+                task.cancel()
 
     # ----------------------------------------------------------------------------- chat
     async def chat(self, request: Request) -> Response:
@@ -223,50 +288,53 @@ class Server:
             banned_token_ids=chat.banned_token_ids,
             banned_first_token_ids=chat.banned_first_token_ids,
         )
+        self.check_queue_room(1, params.n)
         prompt_ids = await self.engine.encode(chat.text)
-        request_id, queue = self.submit(prompt_ids, params, f"chatcmpl-{uuid.uuid4().hex}")
-        fmt = Formatter(request_id, self.model_name, self.token_bytes)
+        base = f"chatcmpl-{uuid.uuid4().hex}"
+        samples = self.submit_samples([prompt_ids], params, base)
+        fmt = Formatter(base, self.model_name, self.token_bytes)
         if body.stream:
             events = self._chat_events(
-                fmt, queue, prompt_ids, chat.mode, bool(body.logprobs), body.include_usage, started
+                fmt, samples, chat.mode, bool(body.logprobs), body.include_usage, started
             )
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        result, first = await _unless_disconnected(request, self._gather(request_id, queue, prompt_ids))
-        self.record("/v1/chat/completions", started, result, first)
-        reasoning, content = parse_reasoning(result.text, chat.mode)
-        logprobs = fmt.chat_logprobs(result.logprobs) if body.logprobs else None
-        return JSONResponse(
-            fmt.chat_response(
-                reasoning, content, result.finish_reason, logprobs, len(prompt_ids), len(result.token_ids)
-            )
-        )
+        gathered = await _unless_disconnected(request, self._gather_all(samples))
+        choices = []
+        for index, (result, first) in enumerate(gathered):
+            self.record("/v1/chat/completions", started, result, first)
+            reasoning, content = parse_reasoning(result.text, chat.mode)
+            logprobs = fmt.chat_logprobs(result.logprobs) if body.logprobs else None
+            choices.append(fmt.chat_choice(index, reasoning, content, result.finish_reason, logprobs))
+        completion_tokens = sum(len(result.token_ids) for result, _ in gathered)
+        return JSONResponse(fmt.chat_response(choices, len(prompt_ids), completion_tokens))
 
     async def _chat_events(
         self,
         fmt: Formatter,
-        queue: asyncio.Queue,
-        prompt_ids: list[int],
+        samples: list[_Sample],
         mode: str,
         logprobs: bool,
         include_usage: bool,
         started: float,
     ) -> AsyncIterator[str]:
-        parser = ReasoningStreamParser(mode)
-        result, first = GenerationResult(fmt.id, prompt_ids), None
+        parsers = [ReasoningStreamParser(mode) for _ in samples]
+        results = [GenerationResult(sample.request_id, sample.prompt_ids) for sample in samples]
+        firsts: list[float | None] = [None] * len(samples)
         try:
-            yield sse(fmt.chat_chunk({"role": "assistant", "content": ""}))
-            async with contextlib.aclosing(self.engine.stream(fmt.id, queue)) as outputs:
-                async for out in outputs:
-                    first = first or (time.monotonic() if out.token_ids else None)
-                    result.add(out)
+            for index in range(len(samples)):
+                yield sse(fmt.chat_chunk({"role": "assistant", "content": ""}, index=index))
+            async with contextlib.aclosing(self._outputs(samples)) as outputs:
+                async for index, out in outputs:
+                    firsts[index] = firsts[index] or (time.monotonic() if out.token_ids else None)
+                    results[index].add(out)
                     if out.error:
                         yield sse(error_body(out.error, "internal_error", code="engine_error"))
                         break
-                    reasoning, content = parser.feed(out.text)
+                    reasoning, content = parsers[index].feed(out.text)
                     if out.finished:
-                        rest = parser.finish()
+                        rest = parsers[index].finish()
                         reasoning, content = reasoning + rest[0], content + rest[1]
                     delta = {
                         key: value
@@ -275,14 +343,16 @@ class Server:
                     }
                     lp = fmt.chat_logprobs(out.logprobs) if logprobs and out.logprobs else None
                     if delta or lp:
-                        yield sse(fmt.chat_chunk(delta, logprobs=lp))
+                        yield sse(fmt.chat_chunk(delta, logprobs=lp, index=index))
                     if out.finished:
-                        yield sse(fmt.chat_chunk({}, finish_reason=out.finish_reason))
+                        yield sse(fmt.chat_chunk({}, finish_reason=out.finish_reason, index=index))
             if include_usage:
-                yield sse(fmt.chat_usage_chunk(len(prompt_ids), len(result.token_ids)))
+                completion_tokens = sum(len(result.token_ids) for result in results)
+                yield sse(fmt.chat_usage_chunk(len(samples[0].prompt_ids), completion_tokens))
             yield sse("[DONE]")
         finally:
-            self.record("/v1/chat/completions", started, result, first)
+            for result, first in zip(results, firsts, strict=True):
+                self.record("/v1/chat/completions", started, result, first)
 
     # ----------------------------------------------------------------------- completions
     async def completions(self, request: Request) -> Response:
@@ -296,91 +366,56 @@ class Server:
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-        max_waiting = self.engine.max_waiting
-        if len(prompts) > max_waiting:
-            raise APIError(
-                400,
-                f"{len(prompts)} prompts in one request; this server queues at most {max_waiting}.",
-                param="prompt",
-                code="invalid_value",
-            )
         params = self.params(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+        self.check_queue_room(len(prompts), params.n)
         encoded = [await self.engine.encode(p) if isinstance(p, str) else p for p in prompts]
         base = f"cmpl-{uuid.uuid4().hex}"
-        submitted: list[tuple[str, asyncio.Queue]] = []
-        try:
-            for i, ids in enumerate(encoded):
-                submitted.append(self.submit(ids, params, f"{base}-{i}" if len(encoded) > 1 else base))
-        except APIError:
-            for request_id, _ in submitted:
-                self.engine.abort(request_id)
-            raise
+        samples = self.submit_samples(encoded, params, base)
         fmt = Formatter(base, self.model_name, self.token_bytes)
+        prompt_tokens = sum(len(ids) for ids in encoded)
         if body.stream:
             events = self._completion_events(
-                fmt, submitted, encoded, body.logprobs is not None, body.include_usage, started
+                fmt, samples, prompt_tokens, body.logprobs is not None, body.include_usage, started
             )
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        gathered = await _unless_disconnected(
-            request,
-            asyncio.gather(
-                *(self._gather(rid, q, ids) for (rid, q), ids in zip(submitted, encoded, strict=True))
-            ),
-        )
+        gathered = await _unless_disconnected(request, self._gather_all(samples))
         choices = []
         for i, (result, first) in enumerate(gathered):
             self.record("/v1/completions", started, result, first)
             lp = fmt.completion_logprobs(result.logprobs) if body.logprobs is not None else None
             choices.append(fmt.completion_choice(i, result.text, result.finish_reason, lp))
-        prompt_tokens = sum(len(ids) for ids in encoded)
         completion_tokens = sum(len(r.token_ids) for r, _ in gathered)
         return JSONResponse(fmt.completion(choices, prompt_tokens, completion_tokens))
 
     async def _completion_events(
         self,
         fmt: Formatter,
-        submitted: list[tuple[str, asyncio.Queue]],
-        encoded: list[list[int]],
+        samples: list[_Sample],
+        prompt_tokens: int,
         logprobs: bool,
         include_usage: bool,
         started: float,
     ) -> AsyncIterator[str]:
-        merged: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
-        results = [GenerationResult(rid, ids) for (rid, _), ids in zip(submitted, encoded, strict=True)]
-        firsts: list[float | None] = [None] * len(submitted)
-
-        async def pump(index: int, request_id: str, queue: asyncio.Queue) -> None:
-            async with contextlib.aclosing(self.engine.stream(request_id, queue)) as outputs:
-                async for out in outputs:
-                    await merged.put((index, out))
-            await merged.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i, rid, q)) for i, (rid, q) in enumerate(submitted)]
+        results = [GenerationResult(sample.request_id, sample.prompt_ids) for sample in samples]
+        firsts: list[float | None] = [None] * len(samples)
         try:
-            remaining = len(tasks)
-            while remaining:
-                index, out = await merged.get()
-                if out is None:
-                    remaining -= 1
-                    continue
-                firsts[index] = firsts[index] or (time.monotonic() if out.token_ids else None)
-                results[index].add(out)
-                if out.error:
-                    yield sse(error_body(out.error, "internal_error", code="engine_error"))
-                    break
-                lp = fmt.completion_logprobs(out.logprobs) if logprobs else None
-                if out.text or lp or out.finished:
-                    choice = fmt.completion_choice(index, out.text, out.finish_reason, lp)
-                    yield sse(fmt.completion([choice], 0, None))
+            async with contextlib.aclosing(self._outputs(samples)) as outputs:
+                async for index, out in outputs:
+                    firsts[index] = firsts[index] or (time.monotonic() if out.token_ids else None)
+                    results[index].add(out)
+                    if out.error:
+                        yield sse(error_body(out.error, "internal_error", code="engine_error"))
+                        break
+                    lp = fmt.completion_logprobs(out.logprobs) if logprobs else None
+                    if out.text or lp or out.finished:
+                        choice = fmt.completion_choice(index, out.text, out.finish_reason, lp)
+                        yield sse(fmt.completion([choice], 0, None))
             if include_usage:
-                usage = fmt.completion([], sum(map(len, encoded)), sum(len(r.token_ids) for r in results))
-                yield sse(usage)
+                yield sse(fmt.completion([], prompt_tokens, sum(len(r.token_ids) for r in results)))
             yield sse("[DONE]")
         finally:
-            for task in tasks:
-                task.cancel()
             for result, first in zip(results, firsts, strict=True):
                 self.record("/v1/completions", started, result, first)
 
