@@ -67,6 +67,20 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grpo(args: argparse.Namespace) -> int:
+    from turbos.rl import GRPORecipe, run_grpo
+
+    summary = run_grpo(
+        GRPORecipe.load(args.recipe, args.overrides),
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_at=args.stop_at,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _teacher_kind(args: argparse.Namespace) -> str:
     """``--teacher``, or the kind that ``--teacher-url`` / ``--teacher-dir`` imply (builtin with
     neither); ValueError when they disagree."""
@@ -491,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_sft)
 
+    p = sub.add_parser("grpo", help="GRPO with the adaptive-CoT rewards (report sections 3.2.2, 3.5)")
+    p.add_argument("--recipe", required=True, help="YAML GRPO recipe (see turbos.rl.GRPORecipe)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kl_coef=0.01 prompts.levels=[3,4]")
+    _add_resume_flags(p, "step")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_grpo)
+
     p = sub.add_parser("fuse-cot", help="adaptive long-short CoT fusion data from a short-CoT model")
     _add_model_flags(p, max_running=64)
     p.add_argument("--output", required=True, help="fused chat JSONL to write")
@@ -620,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Long commands: Ctrl-C or SIGTERM ends them with one line on stderr saying what was saved and the
 # command that goes on, exit code 128 + the signal (130, 143).
-INTERRUPTIBLE = frozenset({"demo", "pretrain", "sft", "fuse-cot", "eval"})
+INTERRUPTIBLE = frozenset({"demo", "pretrain", "sft", "grpo", "fuse-cot", "eval"})
 
 
 def _raise_interrupted(signum: int, _frame) -> None:
@@ -657,7 +678,7 @@ def _interrupted_line(
     what = err.message if isinstance(err, Interrupted) else "interrupted"
     if args.command == "demo":  # finished stages are reused, an interrupted one resumes
         return f"{what}; resume with: {_turbos([w for w in words if w != '--fresh'])}"
-    if args.command in ("pretrain", "sft"):
+    if args.command in ("pretrain", "sft", "grpo"):
         if isinstance(err, Interrupted) and err.checkpoint is not None:
             return f"{what}; resume with: {_turbos(_with_resume(words))}"
         if not isinstance(err, Interrupted):

@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -60,7 +58,7 @@ from turbos.model.context import seq_idx_from_lengths
 from turbos.model.hybrid import IGNORE_INDEX
 from turbos.serve.chat_template import assistant_parts, render_chat, save_chat_template
 from turbos.settings import apply_overrides, check_settings, parse_settings, read_yaml, setting
-from turbos.train.checkpoint import open_run_dir, recipe_state
+from turbos.train.checkpoint import recipe_state, start_run
 from turbos.train.loop import LoopSettings, LossFn, TrainLoop
 from turbos.train.metrics import moe_counts
 from turbos.train.optim import build_optimizer, expert_lr_scale
@@ -497,27 +495,12 @@ def run_sft(
     if stop_at is not None and not 0 < stop_at <= recipe.steps:
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
-    outputs = (out / MODEL_DIR, out / SUMMARY_FILE)
-    finished = [path for path in outputs if path.exists()]
-    if resume is None and finished:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} holds a finished SFT run ({', '.join(path.name for path in finished)}): pass "
-                "--overwrite to replace it, or choose another output_dir"
-            )
-        for path in finished:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
     identity = recipe_state(asdict(recipe), RESUMABLE_CHANGES)
-    checkpoint = open_run_dir(out, resume, overwrite, identity, outputs)
-    if checkpoint is not None and (out / SUMMARY_FILE).is_file():
-        print(
-            f"{out} is already finished (resumed from its latest checkpoint {checkpoint}); nothing to do",
-            file=sys.stderr,
-        )
-        return json.loads((out / SUMMARY_FILE).read_text())
+    checkpoint, finished = start_run(
+        out, resume, overwrite, identity, (out / MODEL_DIR, out / SUMMARY_FILE), "SFT"
+    )
+    if finished is not None:
+        return finished
     torch.manual_seed(recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))

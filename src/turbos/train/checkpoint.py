@@ -115,6 +115,43 @@ def open_run_dir(
     return None
 
 
+def start_run(
+    out: Path,
+    resume: str | None,
+    overwrite: bool,
+    recipe: dict[str, Any],
+    outputs: Sequence[Path],
+    what: str,
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """Open the output directory of a run whose final ``outputs`` end with its summary JSON:
+    (the checkpoint to resume from or None, the summary when the run is already finished).
+
+    A finished run is refused unless resuming (its latest checkpoint: nothing to do) or
+    ``overwrite`` (its outputs are deleted); checkpoints as ``open_run_dir`` says. ``what``
+    names the kind of run in the error ("SFT")."""
+    finished = [path for path in outputs if path.exists()]
+    if resume is None and finished:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} holds a finished {what} run ({', '.join(path.name for path in finished)}): pass "
+                "--overwrite to replace it, or choose another output_dir"
+            )
+        for path in finished:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    checkpoint = open_run_dir(out, resume, overwrite, recipe, outputs)
+    summary = outputs[-1]
+    if checkpoint is not None and summary.is_file():
+        print(
+            f"{out} is already finished (resumed from its latest checkpoint {checkpoint}); nothing to do",
+            file=sys.stderr,
+        )
+        return checkpoint, json.loads(summary.read_text())
+    return checkpoint, None
+
+
 def _differences(saved: Any, current: Any, where: str = "") -> list[str]:
     """Dotted keys (``stages.1.steps``) at which two JSON values differ: mappings and lists of the
     same length are compared item by item, anything else as a whole."""

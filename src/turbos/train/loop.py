@@ -220,6 +220,10 @@ class TrainLoop:
         """The progress bar's label for the coming step."""
         return self.settings.description
 
+    def postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        """What the progress bar shows after a step."""
+        return {"loss": f"{record['lm_loss']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+
     def record_fields(self) -> dict[str, Any]:
         """Fields a step's record carries after ``step`` (pre-training: its stage and length)."""
         return {}
@@ -311,9 +315,7 @@ class TrainLoop:
                 record = self.train_step()
                 self.after_step(record)
                 self.log(record)
-                self._bar.set_postfix(
-                    loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False
-                )
+                self._bar.set_postfix(self.postfix(record), refresh=False)
                 self._bar.update(1)
                 interval = self.settings.checkpoint_interval
                 if (interval and self.step % interval == 0) or (

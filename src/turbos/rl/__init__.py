@@ -1,0 +1,27 @@
+"""Reinforcement learning: GRPO with the report's engineering choices and the adaptive-CoT
+rewards (report §3.2.2, §3.5).
+
+- ``losses``: the terms of the objective (clipped token-level policy gradient, K3 KL, best-of-N
+  likelihood), pure functions of per-token tensors;
+- ``advantages``: group advantages with the group reward adjustment, prompt filtering, dynamic
+  sampling;
+- ``rewards``: reward functions (built-in verifier or a user's ``reward(prompts, completions,
+  **meta)``) and the adaptive-CoT shaping;
+- ``rollout``: groups of samples from the in-process engine on the policy's live weights, and
+  the packed batches of the update;
+- ``recipe`` / ``trainer``: ``GRPORecipe`` and ``run_grpo`` (``turbos grpo``), on the shared
+  training loop.
+"""
+
+from turbos.rl.recipe import GRPORecipe
+from turbos.rl.rewards import AdaptiveShaping, adaptive_cot_rewards, correct_reward, load_reward
+from turbos.rl.trainer import run_grpo
+
+__all__ = [
+    "AdaptiveShaping",
+    "GRPORecipe",
+    "adaptive_cot_rewards",
+    "correct_reward",
+    "load_reward",
+    "run_grpo",
+]

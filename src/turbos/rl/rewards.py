@@ -1,0 +1,128 @@
+"""Rewards for GRPO: a user's reward function or the built-in verifier, and the adaptive-CoT
+shaping of report §3.2.2.
+
+A reward function has TRL's signature, ``reward(prompts, completions, **meta) -> list[float]``:
+``prompts`` are the user messages, ``completions`` the generated replies (with their
+``<think>...</think>`` block, if any), and ``meta`` holds per-sample lists: ``answer`` (the
+reference answer), ``family``, ``level``, ``mode`` (how the sample was drawn: ``auto``, or a
+depth probe ``think`` / ``no_think``), ``thought`` and ``reasoning`` / ``content`` (the reply
+split at ``</think>``). A recipe names one as ``builtin:correct`` or ``package.module:function``.
+
+Adaptive-CoT shaping (``adaptive_cot_rewards``), per group of responses to one prompt, with
+``correct_i`` = reward_i >= ``success`` and depth_i = long (it thought) or short:
+
+- difficulty from the policy's own samples: the pass rates ``p_long`` and ``p_short`` of its
+  long and short responses in the group (free auto-mode samples plus the forced depth probes, the
+  online rejection sampling of the report). A prompt "needs long reasoning" when
+  ``p_long > p_short + margin``; otherwise short answers "succeed as often" and short is the
+  preferred depth. (With no sample of one depth there is no preference.)
+- difficulty-adaptive reward: a correct response of the preferred depth earns ``depth_bonus``
+  more: long CoT on prompts only long reasoning solves, short answers where they suffice.
+- compression reward: among the group's correct long responses, the one with the fewest
+  reasoning tokens earns ``compression`` more, the longest nothing, linearly in between
+  ("among equally correct responses, shorter reasoning earns more").
+
+    reward_i = base_i + correct_i * (depth_bonus * [depth_i == preferred]
+                                     + compression * [long_i] * (L_max - L_i) / (L_max - L_min))
+
+Wrong responses get no bonus, so a prompt neither depth solves teaches nothing about depth.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from turbos.data.tasks import extract_answer, normalize_answer
+
+RewardFn = Callable[..., list[float]]
+
+
+def correct_reward(prompts: Sequence[str], completions: Sequence[str], **meta: Any) -> list[float]:
+    """1.0 when the reply's final answer (after any think block) equals ``answer``, else 0.0."""
+    contents, answers = meta["content"], meta["answer"]
+    return [
+        float(extract_answer(content) == normalize_answer(answer))
+        for content, answer in zip(contents, answers, strict=True)
+    ]
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"correct": correct_reward}
+
+
+def load_reward(spec: str | RewardFn) -> RewardFn:
+    """A reward function: a callable as is, ``builtin:NAME``, or ``package.module:function``."""
+    if callable(spec):
+        return spec
+    where, colon, name = spec.partition(":")
+    if not colon or not where or not name:
+        raise ValueError(f"reward {spec!r}: expected builtin:NAME or package.module:function")
+    if where == "builtin":
+        if name not in BUILTIN_REWARDS:
+            raise ValueError(f"unknown built-in reward {name!r}; known: {sorted(BUILTIN_REWARDS)}")
+        return BUILTIN_REWARDS[name]
+    try:
+        fn = getattr(importlib.import_module(where), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward {spec!r}: cannot import it ({err})") from err
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
+
+
+def call_reward(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], **meta: Any) -> list[float]:
+    """``fn``'s rewards, checked: one finite number per completion."""
+    rewards = fn(list(prompts), list(completions), **meta)
+    if not isinstance(rewards, Sequence) or len(rewards) != len(completions):
+        raise ValueError(
+            f"the reward function returned {type(rewards).__name__} of length "
+            f"{len(rewards) if isinstance(rewards, Sequence) else '?'}; expected {len(completions)} numbers"
+        )
+    out = []
+    for value in rewards:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise ValueError(f"the reward function returned {value!r}; rewards must be finite numbers")
+        out.append(float(value))
+    return out
+
+
+@dataclass(frozen=True)
+class AdaptiveShaping:
+    """The adaptive-CoT reward terms (see the module docstring)."""
+
+    depth_bonus: float = 0.5
+    compression: float = 0.2
+    margin: float = 0.0
+
+
+def adaptive_cot_rewards(
+    base: Sequence[float],
+    correct: Sequence[bool],
+    thought: Sequence[bool],
+    reasoning_tokens: Sequence[int],
+    shaping: AdaptiveShaping,
+) -> tuple[list[float], dict[str, Any]]:
+    """One group's shaped rewards, and what they were judged from: ``p_long``, ``p_short``
+    (None without such samples) and the ``preferred`` depth ("long", "short" or None)."""
+
+    def rate(depth: bool) -> float | None:
+        picked = [c for c, t in zip(correct, thought, strict=True) if t == depth]
+        return sum(picked) / len(picked) if picked else None
+
+    p_long, p_short = rate(True), rate(False)
+    preferred = None
+    if p_long is not None and p_short is not None:
+        preferred = "long" if p_long > p_short + shaping.margin else "short"
+    lengths = [n for n, c, t in zip(reasoning_tokens, correct, thought, strict=True) if c and t]
+    shortest, longest = (min(lengths), max(lengths)) if lengths else (0, 0)
+    rewards = []
+    for r, c, t, n in zip(base, correct, thought, reasoning_tokens, strict=True):
+        bonus = 0.0
+        if c and preferred == ("long" if t else "short"):
+            bonus += shaping.depth_bonus
+        if c and t and longest > shortest:
+            bonus += shaping.compression * (longest - n) / (longest - shortest)
+        rewards.append(r + bonus)
+    return rewards, {"p_long": p_long, "p_short": p_short, "preferred": preferred}
