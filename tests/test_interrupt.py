@@ -133,12 +133,12 @@ def test_an_interrupted_demo_says_which_stage_stopped_and_rerunning_it_finishes_
     assert exit_code == 130, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, f"one line on stderr, got:\n{stderr}"
-    assert lines[0].startswith("interrupted in stage 2/5 (short-CoT SFT) at step "), lines[0]
+    assert lines[0].startswith("interrupted in stage 2/6 (short-CoT SFT) at step "), lines[0]
     assert shlex.split(lines[0].split("resume with: ")[1])[1:] == command[3:], "the same demo command"
 
     finished = subprocess.run(resume_command(lines[0]), capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
-    assert "[1/5] pre-train tiny: reusing" in finished.stdout and "resuming from" in finished.stdout
+    assert "[1/6] pre-train tiny: reusing" in finished.stdout and "resuming from" in finished.stdout
     for stage in ("sft-short", "sft-adaptive"):
         expected = load_file(reference / stage / "model" / "model.safetensors")
         got = load_file(out / stage / "model" / "model.safetensors")

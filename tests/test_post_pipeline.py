@@ -128,6 +128,11 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     assert set(results) == {"no_think", "think", "auto"}
     assert results["think"]["overall"]["think_rate"] == 1.0, "think mode always thinks"
     assert results["no_think"]["overall"]["think_rate"] == 0.0, "no_think never thinks"
+    rl = outcome["grpo"]
+    assert set(rl["results"]) == {"no_think", "think", "auto"} and rl["summary"]["steps"] == 2
+    assert "think accuracy after RL not more than 2 points below SFT's" in rl["targets"]
+    assert "## After GRPO" in report and "| GRPO + evaluation |" in report
+    assert (out / "grpo" / "model" / "model.safetensors").is_file()
     fusion = outcome["fusion"]
     kept = fusion["short"] + fusion["checked"] + fusion["long"]
     assert kept + fusion["dropped"] == fusion["total"] == 48
@@ -151,7 +156,7 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
 
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reusing") == 5, printed
+    assert printed.count("reusing") == 6, printed
     assert json.loads((out / "results.json").read_text())["eval"]["targets"]
 
 

@@ -12,7 +12,10 @@ resumes from its latest checkpoint when re-run with the same settings.
    the built-in teacher's step-by-step continuation inside ``<think>`` (``turbos.post.cot_fusion``).
 4. ``sft-adaptive``: SFT of the pre-trained model on the fused data plus general chats.
 5. ``eval``: held-out problems by difficulty in the three modes (no_think, think, auto):
-   accuracy, mean generated tokens, thinking rate; ``report.md``, ``results.json`` and PNGs.
+   accuracy, mean generated tokens, thinking rate.
+6. ``grpo`` (``grpo=false`` skips it): GRPO with the adaptive-CoT rewards from the adaptive SFT
+   model (``recipes/grpo-reasoning.yaml``, report §3.2.2 and §3.5), then the evaluation of stage 5
+   on the RL model. ``report.md`` puts SFT and RL side by side; ``results.json`` and PNGs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from turbos.settings import apply_overrides, check_settings, parse_settings, set
 from turbos.train.loop import Interrupted, deferred_interrupts, signal_number
 from turbos.train.plots import pyplot, save_figure
 
-RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+RECIPE, GRPO_RECIPE = RECIPES / "tiny.yaml", RECIPES / "grpo-reasoning.yaml"
 
 
 @dataclass
@@ -64,6 +68,10 @@ class DemoSettings:
     sft_lr: float = setting(2e-3, gt=0)
     eval_per_level: int = setting(60, ge=1)
     max_tokens: int = setting(200, ge=1)
+    grpo: bool = True
+    """Stage 6: GRPO from the adaptive SFT model, then its evaluation."""
+    grpo_overrides: list[str] = field(default_factory=list)
+    """``key=value`` changes to ``recipes/grpo-reasoning.yaml`` (``turbos.rl.GRPORecipe``)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +118,15 @@ class DemoSettings:
             sft_batch=8,
             eval_per_level=4,
             max_tokens=48,
+            grpo_overrides=[
+                "steps=2",
+                "prompts.problems=24",
+                "prompts_per_rollout=4",
+                "group_size=4",
+                "adaptive.probes=1",
+                "max_tokens=48",
+                "filter_prompts=false",
+            ],
         )
 
 
@@ -126,6 +143,7 @@ STAGE_SETTINGS = {
     ),
     "sft-adaptive": ("adaptive_steps", "adaptive_from", "adaptive_loss"),
     "eval": ("eval_per_level", "max_tokens"),
+    "grpo": ("grpo", "grpo_overrides"),
 }
 
 
@@ -139,7 +157,7 @@ def _finished(folder: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _stage(
-    folder: Path, redo: bool, inputs: dict[str, Any], title: str, index: int, run
+    folder: Path, redo: bool, inputs: dict[str, Any], title: str, index: int, count: int, run
 ) -> tuple[dict, bool]:
     """Run a stage or reuse it; returns (result, whether it ran).
 
@@ -150,9 +168,9 @@ def _stage(
     """
     previous = None if redo else _finished(folder, inputs)
     if previous is not None:
-        print(f"[{index}/5] {title}: reusing {folder}")
+        print(f"[{index}/{count}] {title}: reusing {folder}")
         return previous, False
-    print(f"[{index}/5] {title} ...", flush=True)
+    print(f"[{index}/{count}] {title} ...", flush=True)
     start = time.perf_counter()
     started = folder / "started.json"
     resume = not redo and started.is_file() and json.loads(started.read_text()) == inputs
@@ -161,19 +179,19 @@ def _stage(
     try:
         result = run(resume)
     except KeyboardInterrupt as err:
-        raise _stage_interrupted(err, index, title) from None
+        raise _stage_interrupted(err, index, count, title) from None
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["inputs"] = inputs
     with deferred_interrupts():  # never half a done.json
         (folder / "done.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[{index}/5] {title}: done in {result['wall_s']:.0f} s", flush=True)
+    print(f"[{index}/{count}] {title}: done in {result['wall_s']:.0f} s", flush=True)
     return result, True
 
 
-def _stage_interrupted(err: KeyboardInterrupt, index: int, title: str) -> Interrupted:
+def _stage_interrupted(err: KeyboardInterrupt, index: int, count: int, title: str) -> Interrupted:
     """An interrupt of stage ``index``, with where its training stopped and what it saved."""
     inner = err if isinstance(err, Interrupted) else Interrupted(signal_number(err))
-    where = f"in stage {index}/5 ({title})" + (f" {inner.where}" if inner.where else "")
+    where = f"in stage {index}/{count} ({title})" + (f" {inner.where}" if inner.where else "")
     saved = inner.saved or "nothing saved for this stage, which starts again (finished stages are kept)"
     return Interrupted(inner.signum, where, saved, inner.checkpoint)
 
@@ -215,6 +233,22 @@ def adaptive_sft_recipe(settings: DemoSettings, out: Path) -> SFTRecipe:
     return _sft_recipe(
         settings, out, "sft-adaptive", start, data, settings.adaptive_steps, settings.adaptive_loss
     )
+
+
+def grpo_recipe(settings: DemoSettings, out: Path, run_dir: Path, seed: int | None = None):
+    """Stage 6: ``recipes/grpo-reasoning.yaml`` on the adaptive SFT model of ``out``, writing to
+    ``run_dir``, with the demo's families, levels and seed (or ``seed``) and ``grpo_overrides``."""
+    from turbos.rl import GRPORecipe
+
+    overrides = [
+        f"model={out / 'sft-adaptive' / 'model'}",
+        f"output_dir={run_dir}",
+        f"seed={settings.seed if seed is None else seed}",
+        f"prompts.families={json.dumps(list(settings.families))}",
+        f"prompts.levels={json.dumps(list(settings.levels))}",
+        *settings.grpo_overrides,
+    ]
+    return GRPORecipe.load(GRPO_RECIPE, overrides)
 
 
 def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progress: bool = True) -> dict:
@@ -291,6 +325,15 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
     def evaluate(_resume: bool) -> dict:
         return evaluate_adaptive(out / "sft-adaptive" / "model", settings, out / "eval")
 
+    def grpo(resume: bool) -> dict:
+        from turbos.rl import run_grpo
+
+        run_dir = out / "grpo"
+        recipe = grpo_recipe(settings, out, run_dir)
+        summary = run_grpo(recipe, progress=progress, resume=resume_point(run_dir, resume), overwrite=True)
+        evaluation = evaluate_adaptive(run_dir / "model", settings, run_dir / "eval")
+        return {"summary": summary, **evaluation}
+
     stages = [
         ("pretrain", "pre-train tiny", pretrain),
         ("sft-short", "short-CoT SFT", short_sft),
@@ -298,16 +341,20 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         ("sft-adaptive", "adaptive SFT", adaptive_sft),
         ("eval", "evaluate no_think / think / auto", evaluate),
     ]
+    if settings.grpo:
+        stages.append(("grpo", "GRPO with adaptive-CoT rewards, then evaluate", grpo))
     redo = fresh  # a stage redone invalidates every later one
     outcome: dict[str, Any] = {}
     plain = json.loads(json.dumps(asdict(settings)))
     for index, (folder, title, run) in enumerate(stages, 1):
         inputs = {key: plain[key] for key in STAGE_SETTINGS[folder]}
-        outcome[folder], ran = _stage(out / folder, redo, inputs, title, index, run)
+        outcome[folder], ran = _stage(out / folder, redo, inputs, title, index, len(stages), run)
         redo = redo or ran
-    evaluation = outcome["eval"]
-    print("\n" + evaluation["table"])
-    for name, target in evaluation["targets"].items():
+    final = outcome.get("grpo", outcome["eval"])
+    if "grpo" in outcome:
+        final["targets"].update(rl_keeps_thinking(outcome["eval"]["results"], final["results"]))
+    print("\n" + final["table"])
+    for name, target in final["targets"].items():
         print(f"{'met ' if target['met'] else 'MISS'}  {name}: {target['measured']}")
     write_report(out, outcome, settings)
     return outcome
@@ -370,6 +417,21 @@ def check_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+MAX_THINK_LOSS = 0.02
+
+
+def rl_keeps_thinking(sft: dict[str, Any], rl: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The RL stage's own target: think-mode accuracy at most 2 points below the SFT model's."""
+    before, after = sft["think"]["overall"]["accuracy"], rl["think"]["overall"]["accuracy"]
+    return {
+        "think accuracy after RL not more than 2 points below SFT's": {
+            "met": after >= before - MAX_THINK_LOSS,
+            "measured": f"{after * 100:.1f}% vs {before * 100:.1f}% ({(after - before) * 100:+.1f} points)",
+            "values": {"think_rl": after, "think_sft": before},
+        }
+    }
+
+
 def family_table(results: dict[str, Any]) -> list[str]:
     """report.md lines with the table by family and level (none for results saved before it)."""
     from turbos.post.evaluate import format_table
@@ -379,25 +441,30 @@ def family_table(results: dict[str, Any]) -> list[str]:
     return ["By family and level:", "", "```", format_table(results, by="family_level"), "```", ""]
 
 
+def _targets_table(targets: dict[str, dict[str, Any]]) -> list[str]:
+    return [
+        "| target | met | measured |",
+        "|---|---|---|",
+        *[f"| {k} | {'yes' if v['met'] else 'no'} | {v['measured']} |" for k, v in targets.items()],
+        "",
+    ]
+
+
 def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> None:
-    """report.md with the stages, the table and the targets, plus two PNGs."""
+    """report.md with the stages, the SFT (and RL) tables and targets, plus two PNGs."""
     from turbos.post.routing import routing_report
 
     evaluation = outcome["eval"]
-    results = evaluation["results"]
-    answers = out / "eval" / "answers.jsonl"
+    rl = outcome.get("grpo")
+    models = {"adaptive SFT": evaluation["results"], **({"after GRPO": rl["results"]} if rl else {})}
+    final_dir = out / ("grpo/eval" if rl else "eval")
+    answers = final_dir / "answers.jsonl"
     rows = [json.loads(line) for line in answers.read_text().splitlines()] if answers.is_file() else []
     (out / "results.json").write_text(json.dumps({k: v for k, v in outcome.items()}, indent=2) + "\n")
-    plot_accuracy_vs_tokens(results, out / "accuracy_vs_tokens.png")
-    plot_think_rate(results, out / "think_rate.png")
+    plot_accuracy_vs_tokens(models, out / "accuracy_vs_tokens.png")
+    plot_think_rate(models, out / "think_rate.png")
     fusion = outcome["fusion"]
-    lines = [
-        "# turbos demo",
-        "",
-        f"Families {', '.join(settings.families)}; levels {settings.levels[0]}-{settings.levels[-1]}.",
-        "",
-        "| stage | wall s | notes |",
-        "|---|---|---|",
+    stages = [
         f"| pre-train tiny | {outcome['pretrain']['wall_s']} | {outcome['pretrain']['steps']} steps, "
         f"val loss {outcome['pretrain']['val_loss']} |",
         f"| short-CoT SFT | {outcome['sft-short']['wall_s']} | final loss "
@@ -408,19 +475,46 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
         f"| adaptive SFT | {outcome['sft-adaptive']['wall_s']} | final loss "
         f"{outcome['sft-adaptive']['final_loss']:.3f} |",
         f"| evaluation | {evaluation['wall_s']} | held-out test split, greedy |",
+    ]
+    if rl:
+        prompts = rl["summary"].get("prompts", {})
+        stages.append(
+            f"| GRPO + evaluation | {rl['wall_s']} | {rl['summary']['steps']} updates, "
+            f"{rl['summary'].get('rollouts', '?')} rollouts; {prompts.get('kept', '?')} of "
+            f"{prompts.get('pool', '?')} prompts kept by the filter |"
+        )
+    total = sum(outcome[k]["wall_s"] for k in outcome)
+    lines = [
+        "# turbos demo",
+        "",
+        f"Families {', '.join(settings.families)}; levels {settings.levels[0]}-{settings.levels[-1]}.",
+        "",
+        "| stage | wall s | notes |",
+        "|---|---|---|",
+        *stages,
+        f"| all | {total:.1f} | |",
+        "",
+        "## Adaptive SFT",
         "",
         "```",
         evaluation["table"],
         "```",
         "",
-        *family_table(results),
-        "| target | met | measured |",
-        "|---|---|---|",
-        *[
-            f"| {k} | {'yes' if v['met'] else 'no'} | {v['measured']} |"
-            for k, v in evaluation["targets"].items()
-        ],
-        "",
+        *family_table(evaluation["results"]),
+        *_targets_table(evaluation["targets"]),
+    ]
+    if rl:
+        lines += [
+            "## After GRPO (report §3.2.2, §3.5)",
+            "",
+            "```",
+            rl["table"],
+            "```",
+            "",
+            *family_table(rl["results"]),
+            *_targets_table(rl["targets"]),
+        ]
+    lines += [
         *(routing_report(rows) if rows else []),
         "![accuracy vs tokens](accuracy_vs_tokens.png) ![thinking rate](think_rate.png)",
         "",
@@ -428,37 +522,76 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
     (out / "report.md").write_text("\n".join(lines))
 
 
-def plot_accuracy_vs_tokens(results: dict[str, Any], path: Path) -> None:
+MODE_MARKERS = (("no_think", "s"), ("think", "^"), ("auto", "o"))
+
+
+def plot_accuracy_vs_tokens(models: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each mode's overall accuracy against its mean tokens, one marker style per model (hollow
+    for the first, filled for the last), an arrow from one to the other."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for mode, marker in (("no_think", "s"), ("think", "^"), ("auto", "o")):
-        s = results[mode]["overall"]
-        ax.scatter(s["mean_tokens"], s["accuracy"] * 100, s=80, marker=marker, label=mode)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    names = list(models)
+    for m, (mode, marker) in enumerate(MODE_MARKERS):
+        points = [models[name][mode]["overall"] for name in names]
+        for k, (name, point) in enumerate(zip(names, points, strict=True)):
+            filled = k == len(names) - 1
+            ax.scatter(
+                point["mean_tokens"],
+                point["accuracy"] * 100,
+                s=80,
+                marker=marker,
+                facecolors=f"C{m}" if filled else "none",
+                edgecolors=f"C{m}",
+                label=f"{mode} ({name})",
+            )
+        if len(points) > 1:
+            (a, b) = points[0], points[-1]
+            ax.annotate(
+                "",
+                (b["mean_tokens"], b["accuracy"] * 100),
+                (a["mean_tokens"], a["accuracy"] * 100),
+                arrowprops={"arrowstyle": "->", "color": f"C{m}", "alpha": 0.6},
+            )
     ax.set_xlabel("mean generated tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs tokens by thinking mode")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
-def plot_think_rate(results: dict[str, Any], path: Path) -> None:
+def plot_think_rate(models: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy by level per mode (dashed: the first model, solid: the last), and auto mode's
+    thinking rate by level, one bar per model."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in ("no_think", "think", "auto"):
-        levels = sorted(results[mode]["by_level"], key=int)
-        left.plot(levels, [results[mode]["by_level"][k]["accuracy"] * 100 for k in levels], "o-", label=mode)
-    auto = results["auto"]["by_level"]
-    levels = sorted(auto, key=int)
-    right.bar(levels, [auto[k]["think_rate"] * 100 for k in levels], color="tab:green")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(models)
+    for k, name in enumerate(names):
+        results = models[name]
+        style = "o-" if k == len(names) - 1 else "o--"
+        for m, (mode, _) in enumerate(MODE_MARKERS):
+            levels = sorted(results[mode]["by_level"], key=int)
+            accuracy = [results[mode]["by_level"][v]["accuracy"] * 100 for v in levels]
+            left.plot(levels, accuracy, style, color=f"C{m}", label=f"{mode} ({name})", alpha=0.5 + 0.5 * k)
+        auto = results["auto"]["by_level"]
+        levels = sorted(auto, key=int)
+        width = 0.8 / len(names)
+        right.bar(
+            [i + (k - (len(names) - 1) / 2) * width for i in range(len(levels))],
+            [auto[v]["think_rate"] * 100 for v in levels],
+            width,
+            label=name,
+        )
+        right.set_xticks(range(len(levels)), levels)
     left.set_xlabel("difficulty level")
     left.set_ylabel("accuracy (%)")
     left.set_title("Accuracy by level")
-    left.legend()
+    left.legend(fontsize=7)
     right.set_xlabel("difficulty level")
     right.set_ylabel("answers that thought (%)")
     right.set_ylim(0, 100)
     right.set_title("auto mode: thinking rate by level")
+    right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     save_figure(fig, path)

@@ -367,6 +367,10 @@ class GRPOLoop(TrainLoop):
             return torch.zeros((), dtype=torch.float64, device=self.device), {}
         return super().forward_backward_step(batch, grad_accum)
 
+    def begin(self) -> None:
+        if self.batches.kept is None:  # a fresh run: the prompt filter's pre-pass comes first
+            self.batches.filter_prompts()
+
     def before_step(self) -> None:
         self._step_start = time.perf_counter()
 

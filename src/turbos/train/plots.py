@@ -111,14 +111,62 @@ def plot_expert_load(records: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_grpo(records: list[dict[str, Any]], path: Path) -> Path:
+    """A GRPO run (``turbos.rl``) per rollout: reward and accuracy by sampling mode, thinking rate
+    by level, mean tokens by mode; per update: KL, clip fraction and entropy; seconds per part."""
+    plt = pyplot()
+    rollouts = [r for r in records if "reward" in r]
+    steps = [r["step"] for r in rollouts]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    (reward, think, tokens), (kl, entropy, seconds) = axes
+    reward.plot(steps, [r["reward"] for r in rollouts], "k-", lw=1.5, label="reward")
+    for mode in ("auto", "think", "no_think"):
+        if f"{mode}/accuracy" in rollouts[0]:
+            reward.plot(steps, [r[f"{mode}/accuracy"] for r in rollouts], lw=1, label=f"accuracy, {mode}")
+            tokens.plot(steps, [r[f"{mode}/tokens"] for r in rollouts], lw=1, label=mode)
+    levels = sorted(
+        {k.split("/")[1] for r in rollouts for k in r if k.startswith("auto/L")}, key=lambda x: int(x[1:])
+    )
+    for level in levels:
+        key = f"auto/{level}/think_rate"
+        think.plot(steps, [r.get(key, float("nan")) for r in rollouts], lw=1, label=level)
+    updates = [r for r in records if "kl" in r or "clip_fraction" in r]
+    kl.plot([r["step"] for r in updates], [r.get("kl", float("nan")) for r in updates], lw=1, label="K3 KL")
+    clip = kl.twinx()
+    clip.plot([r["step"] for r in updates], [r["clip_fraction"] for r in updates], "C1", lw=0.8, alpha=0.7)
+    clip.set_ylabel("clip fraction", color="C1")
+    entropy.plot([r["step"] for r in updates], [r["entropy"] for r in updates], lw=1)
+    for part in ("rollout_s", "reference_s"):
+        seconds.plot(steps, [r[part] for r in rollouts], lw=1, label=part[:-2])
+    seconds.plot([r["step"] for r in records], [r["update_s"] for r in records], lw=1, label="update")
+    titles = [
+        (reward, "Reward and accuracy of the rollouts", "share"),
+        (think, "auto mode: thinking rate by level", "answers that thought"),
+        (tokens, "Mean generated tokens by mode", "tokens"),
+        (kl, "KL to the reference (left), clip fraction (right)", "K3 KL"),
+        (entropy, "Policy entropy", "nats/token"),
+        (seconds, "Seconds per part", "s"),
+    ]
+    for ax, title, ylabel in titles:
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return path
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write loss.png, lr.png and (for MoE models) expert_load.png; returns their paths."""
+    """Write loss.png, lr.png, (for MoE models) expert_load.png and (for GRPO runs) grpo.png
+    instead of loss.png; returns their paths."""
     records = read_metrics(run_dir)
     if not records:
         raise ValueError(f"{run_dir}: metrics.jsonl has no records to plot")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_losses(records, out / "loss.png"), plot_learning_rates(records, out / "lr.png")]
+    grpo = any("reward" in r for r in records)
+    paths = [plot_grpo(records, out / "grpo.png") if grpo else plot_losses(records, out / "loss.png")]
+    paths.append(plot_learning_rates(records, out / "lr.png"))
     if any(r.get("expert_load") for r in records):
         paths.append(plot_expert_load(records, out / "expert_load.png"))
     return paths
