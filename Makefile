@@ -29,9 +29,11 @@ test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
 bench: install
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/prefill.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/train_tiny.py
+	$(BIN)/python benchmarks/grpo_step.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -87,9 +87,10 @@ class Sample:
         }
 
 
-def sample_seed(seed: int, key: int, index: int) -> int:
+def sample_seed(seed: int | str, key: int, index: int) -> int:
     """The sampling seed of sample ``index`` for the prompt drawn at stream position ``key``: fixed
-    by the run's seed, so a resumed run draws the same samples, whatever the batching."""
+    by ``seed`` (the run's seed and what the samples are for, e.g. "0/train"), so a resumed run
+    draws the same samples, whatever the batching."""
     return random.Random(f"{seed}/{key}/{index}").getrandbits(63)
 
 
@@ -101,7 +102,7 @@ def rollout_groups(
     probes: int,
     max_tokens: int,
     temperature: float,
-    seed: int,
+    seed: int | str,
 ) -> list[list[Sample]]:
     """One group per problem: ``group_size`` free auto-mode samples, then ``probes`` long and
     ``probes`` short ones, all generated in one engine batch. ``keys``: each problem's stream

@@ -196,6 +196,8 @@ class RolloutSource:
             self.kept, self.filter_stats = indices, {"pool": len(indices), "kept": len(indices)}
             return
         start = time.perf_counter()
+        group = r.group_size + 2 * r.probes
+        self.write(f"prompt filter: {len(indices)} prompts x {group} samples from the starting policy ...")
         groups = self._groups(indices, indices, "filter")
         solved = [sum(s.correct for s in g) for g in groups]
         keep = unstable_prompts(solved, len(groups[0]) if groups else 0)
