@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from turbos.data.tasks import Problem, generate_problems
@@ -423,8 +424,6 @@ def run_grpo(
     problems = load_prompts(recipe)
     torch.manual_seed(recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
     (out / "grpo_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     device = resolve_device(recipe.device)
     model = TurboSForCausalLM.from_pretrained(recipe.model, device=device)
