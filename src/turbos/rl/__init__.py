@@ -5,8 +5,11 @@ rewards (report §3.2.2, §3.5).
   likelihood), pure functions of per-token tensors;
 - ``advantages``: group advantages with the group reward adjustment, prompt filtering, dynamic
   sampling;
-- ``rewards``: reward functions (built-in verifier or a user's ``reward(prompts, completions,
+- ``rewards``: reward functions (built-in ones or a user's ``reward(prompts, completions,
   **meta)``) and the adaptive-CoT shaping;
+- ``verifier``: answer consistency (equivalent forms of a final answer, report §3.4);
+- ``instructions``: instruction-following constraints with exact checkers (IFEval style) and a
+  built-in family of such prompts;
 - ``rollout``: groups of samples from the in-process engine on the policy's live weights, and
   the packed batches of the update;
 - ``recipe`` / ``trainer``: ``GRPORecipe`` and ``run_grpo`` (``turbos grpo``), on the shared

@@ -6,7 +6,17 @@ A reward function has TRL's signature, ``reward(prompts, completions, **meta) ->
 ``<think>...</think>`` block, if any), and ``meta`` holds per-sample lists: ``answer`` (the
 reference answer), ``family``, ``level``, ``mode`` (how the sample was drawn: ``auto``, or a
 depth probe ``think`` / ``no_think``), ``thought`` and ``reasoning`` / ``content`` (the reply
-split at ``</think>``). A recipe names one as ``builtin:correct`` or ``package.module:function``.
+split at ``</think>``). A recipe names one as ``builtin:NAME`` or ``package.module:function``.
+
+Built-in rewards (``BUILTIN_REWARDS``), each scoring ``content``:
+
+- ``correct``: 1.0 when the `Answer:` line equals ``answer`` exactly (numbers by value);
+- ``verified``: 1.0 when the final answer (`Answer:` line, else the last ``\\boxed{}``) is
+  equivalent to ``answer`` (``turbos.rl.verifier``: exact numbers across fractions, decimals and
+  percentages, units, LaTeX, lists); a true ``unordered`` in meta compares lists in any order;
+- ``instructions``: the fraction of the sample's ``constraints`` (a list of constraint dicts,
+  ``turbos.rl.instructions``) the reply meets, or 1.0 / 0.0 (all or none) where meta's
+  ``all_or_nothing`` is true; 1.0 for a sample without constraints.
 
 Adaptive-CoT shaping (``adaptive_cot_rewards``), per group of responses to one prompt, with
 ``correct_i`` = reward_i >= ``success`` and depth_i = long (it thought) or short:
@@ -36,6 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from turbos.data.tasks import extract_answer, normalize_answer
+from turbos.rl.instructions import check_all, constraint_from_dict
+from turbos.rl.verifier import answers_match, final_answer
 
 RewardFn = Callable[..., list[float]]
 
@@ -49,7 +61,37 @@ def correct_reward(prompts: Sequence[str], completions: Sequence[str], **meta: A
     ]
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"correct": correct_reward}
+def verified_reward(prompts: Sequence[str], completions: Sequence[str], **meta: Any) -> list[float]:
+    """1.0 when the reply's final answer is equivalent to ``answer`` (``answers_match``; in any
+    order where ``unordered`` is true), else 0.0."""
+    contents, answers = meta["content"], meta["answer"]
+    unordered = meta.get("unordered") or [False] * len(contents)
+    return [
+        float(answers_match(final_answer(content) or "", str(answer), unordered=bool(flag)))
+        for content, answer, flag in zip(contents, answers, unordered, strict=True)
+    ]
+
+
+def instructions_reward(prompts: Sequence[str], completions: Sequence[str], **meta: Any) -> list[float]:
+    """The fraction of the sample's ``constraints`` the reply meets (all or none where
+    ``all_or_nothing`` is true; 1.0 without constraints); ValueError for a malformed constraint."""
+    contents, specs = meta["content"], meta["constraints"]
+    all_or_none = meta.get("all_or_nothing") or [False] * len(contents)
+    rewards = []
+    for content, sample_specs, all_or_nothing in zip(contents, specs, all_or_none, strict=True):
+        met = check_all(content, [constraint_from_dict(spec) for spec in sample_specs or ()])
+        if not met:
+            rewards.append(1.0)
+        else:
+            rewards.append(float(all(met)) if all_or_nothing else sum(met) / len(met))
+    return rewards
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "correct": correct_reward,
+    "verified": verified_reward,
+    "instructions": instructions_reward,
+}
 
 
 def load_reward(spec: str | RewardFn) -> RewardFn:
