@@ -247,6 +247,32 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sandbox_run(args: argparse.Namespace) -> int:
+    from turbos.rl.sandbox import Limits, Sandbox, SandboxUnavailable
+
+    path = Path(args.file)
+    language = args.language or ("bash" if path.suffix in (".sh", ".bash") else "python")
+    tests = Path(args.tests).read_text() if args.tests else None
+    try:
+        with Sandbox(Limits(timeout=args.timeout, memory_mb=args.memory_mb), max_workers=1) as box:
+            result = box.run(path.read_text(), language=language, tests=tests)
+    except SandboxUnavailable as err:
+        print(f"turbos sandbox run: {err}", file=sys.stderr)
+        return 2
+    print(f"exit code: {result.exit_code}" + (f" (killed: {result.killed})" if result.killed else ""))
+    print(f"wall: {result.wall_seconds:.2f} s")
+    for name, text, cut in (
+        ("stdout", result.stdout, result.stdout_truncated),
+        ("stderr", result.stderr, result.stderr_truncated),
+    ):
+        if text or cut:
+            print(f"--- {name}{' (truncated)' if cut else ''} ---")
+            print(text, end="" if text.endswith("\n") else "\n")
+    if result.passed is not None:
+        print(f"tests: {'passed' if result.passed else 'failed'}")
+    return 0 if result.ok else 1
+
+
 def _add_resume_flags(p: argparse.ArgumentParser, step: str) -> None:
     p.add_argument("--resume", help="a checkpoint directory, or 'auto' for the run's latest")
     p.add_argument("--overwrite", action="store_true", help="delete the run's existing checkpoints first")
@@ -613,6 +639,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_eval_ppl)
+
+    p = sub.add_parser("sandbox", help="run untrusted code in the isolated code sandbox (report section 3.4)")
+    box = p.add_subparsers(dest="sandbox_command", required=True)
+    p = box.add_parser("run", help="run a program (and its tests) in the sandbox; non-zero exit if it fails")
+    p.add_argument("file", help="the program's source")
+    p.add_argument("--tests", help="test code run after the program (Python asserts or shell commands)")
+    p.add_argument("--language", choices=["python", "bash"], help="default: bash for .sh files, else python")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds")
+    p.add_argument("--memory-mb", type=_int_at_least(16), default=512, help="address space per process")
+    p.set_defaults(func=_cmd_sandbox_run)
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, thinking modes)")
     _add_engine_flags(p)
     _add_server_flags(p)

@@ -14,6 +14,8 @@ Built-in rewards (``BUILTIN_REWARDS``), each scoring ``content``:
 - ``verified``: 1.0 when the final answer (`Answer:` line, else the last ``\\boxed{}``) is
   equivalent to ``answer`` (``turbos.rl.verifier``: exact numbers across fractions, decimals and
   percentages, units, LaTeX, lists); a true ``unordered`` in meta compares lists in any order;
+- ``code``: 1.0 when the reply's code passes the hidden tests in ``answer``, run in the isolated
+  sandbox (the built-in ``code`` family, ``turbos.data.tasks.code``);
 - ``instructions``: the fraction of the sample's ``constraints`` (a list of constraint dicts,
   ``turbos.rl.instructions``) the reply meets, or 1.0 / 0.0 (all or none) where meta's
   ``all_or_nothing`` is true; 1.0 for a sample without constraints.
@@ -40,7 +42,9 @@ Wrong responses get no bonus, so a prompt neither depth solves teaches nothing a
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,10 +91,41 @@ def instructions_reward(prompts: Sequence[str], completions: Sequence[str], **me
     return rewards
 
 
+_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def reply_code(content: str) -> str:
+    """The code of a reply: its last fenced block (```python ... ```), else the whole reply."""
+    blocks = _FENCE.findall(content)
+    return blocks[-1] if blocks else content
+
+
+@functools.cache
+def _shared_sandbox():
+    """One sandbox for the code reward (8 runs at a time), made on first use."""
+    from turbos.rl.sandbox import Sandbox
+
+    return Sandbox(max_workers=8)
+
+
+def code_reward(prompts: Sequence[str], completions: Sequence[str], **meta: Any) -> list[float]:
+    """1.0 when the reply's code (``reply_code``) passes the hidden tests in ``answer`` (Python
+    asserts, as ``turbos.data.tasks.code.CodeProblem.test_source`` writes them), run in the
+    isolated sandbox (``turbos.rl.sandbox``; it refuses to start without isolation), else 0.0."""
+    from turbos.rl.sandbox import Program
+
+    programs = [
+        Program(reply_code(content), tests=str(tests))
+        for content, tests in zip(meta["content"], meta["answer"], strict=True)
+    ]
+    return [float(bool(result.passed)) for result in _shared_sandbox().run_many(programs)]
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "correct": correct_reward,
     "verified": verified_reward,
     "instructions": instructions_reward,
+    "code": code_reward,
 }
 
 
