@@ -207,3 +207,33 @@ def test_grpo_cli_runs_a_recipe_and_a_finished_run_is_kept(base, tmp_path, capsy
     assert "think/accuracy" in records[0] and "auto/L1/think_rate" in records[0]
     assert main(["grpo", "--recipe", str(path), "steps=2", "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_code_prompts_join_the_pool_and_are_scored_by_their_rule_in_the_sandbox(base, tmp_path) -> None:
+    from turbos.rl.trainer import build_reward, load_prompts
+
+    prompts = {"problems": 8, "families": ["add", "code"], "levels": [1, 2]}
+    recipe = _recipe(base, tmp_path, prompts=prompts, reward="builtin:correct")
+    problems = load_prompts(recipe)
+    code = [p for p in problems if p.family == "code"]
+    assert len(code) == 4 and len(problems) == 8 and all("assert " in p.answer for p in code)
+    from turbos.data.tasks.code import generate_code_problems
+
+    solution = {
+        c.question: c.solution for c in generate_code_problems(4, levels=(1, 2), seed=recipe.seed + 3)
+    }
+    add = next(p for p in problems if p.family == "add")
+    contents = [f"```python\n{solution[p.question]}```" for p in code] + [
+        f"Answer: {add.answer}",
+        "Answer: -1",
+    ]
+    rows = [*code, add, add]
+    reward = build_reward(recipe)
+    scores = reward(
+        [p.question for p in rows],
+        contents,
+        content=contents,
+        answer=[p.answer for p in rows],
+        family=[p.family for p in rows],
+    )
+    assert scores == [1.0] * 5 + [0.0]

@@ -20,9 +20,11 @@ class GRPOPrompts:
     ``{"question", "answer"[, "level", "family", "id"]}`` records (``path``)."""
 
     families: tuple[str, ...] = setting(("add", "expr"), nonempty=True)
+    """Built-in families (``turbos.data.tasks``), and ``code`` (``turbos.data.tasks.code``,
+    levels 1-5, scored by ``reward_rules``)."""
     levels: tuple[int, ...] = setting((1, 2, 3, 4), nonempty=True)
     problems: int = setting(256, gt=0)
-    """Built-in problems in the pool (before filtering)."""
+    """Built-in problems in the pool (before filtering), an even share per family."""
     path: str | None = None
     """A user JSONL file of problems instead of the built-in ones."""
 
@@ -53,6 +55,10 @@ class GRPORecipe:
     prompts: GRPOPrompts = field(default_factory=GRPOPrompts)
     reward: str = "builtin:correct"
     """``builtin:NAME`` or ``package.module:function`` (``turbos.rl.rewards``)."""
+    reward_rules: dict[str, str] = field(default_factory=lambda: {"code": "builtin:code"})
+    """Per-domain rules: the reward of the samples whose family is a key (``turbos.rl.aggregate``)."""
+    repetition_penalty: float = setting(0.0, ge=0)
+    """Subtracted times the reply's repeated 4-gram rate (``turbos.rl.aggregate``)."""
     success: float = 1.0
     """A reward at least this counts as a correct response (group adjustment, accuracy, shaping)."""
     adaptive: GRPOAdaptive = field(default_factory=GRPOAdaptive)

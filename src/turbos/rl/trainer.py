@@ -34,11 +34,14 @@ import yaml
 from torch import nn
 
 from turbos.data.tasks import Problem, generate_problems
+from turbos.data.tasks.code import LEVELS as CODE_LEVELS
+from turbos.data.tasks.code import generate_code_problems
 from turbos.data.tokenizer import load_tokenizer, save_tokenizer
 from turbos.device import resolve_device
 from turbos.model import TurboSForCausalLM
 from turbos.post.sft import export_model
 from turbos.rl.advantages import group_advantages, informative_groups, unstable_prompts
+from turbos.rl.aggregate import route, with_repetition_penalty
 from turbos.rl.losses import GRPOLossConfig, grpo_loss
 from turbos.rl.recipe import GRPORecipe
 from turbos.rl.rewards import RewardFn, adaptive_cot_rewards, call_reward, load_reward
@@ -66,13 +69,36 @@ RESUMABLE_CHANGES = frozenset(
 
 
 def load_prompts(recipe: GRPORecipe) -> list[Problem]:
-    """The recipe's prompt pool: a user JSONL file, or built-in train-split problems."""
+    """The recipe's prompt pool: a user JSONL file, or built-in train-split problems (an even
+    share per family; a ``code`` problem's answer is the source of its hidden tests)."""
     from turbos.post.evaluate import read_problems
 
     p = recipe.prompts
     if p.path:
         return read_problems(p.path)
-    return generate_problems(p.problems, families=p.families, levels=p.levels, seed=recipe.seed + 3)
+    others = [f for f in p.families if f != "code"]
+    n_code = p.problems * (len(p.families) - len(others)) // len(p.families)
+    problems = []
+    if others:
+        problems = generate_problems(
+            p.problems - n_code, families=others, levels=p.levels, seed=recipe.seed + 3
+        )
+    if n_code:
+        levels = tuple(level for level in p.levels if level in CODE_LEVELS) or CODE_LEVELS
+        for c in generate_code_problems(n_code, levels=levels, seed=recipe.seed + 3):
+            problems.append(Problem("code", c.level, c.question, c.test_source(), (), c.uid))
+    return problems
+
+
+def build_reward(recipe: GRPORecipe, reward_fn: RewardFn | None = None) -> RewardFn:
+    """The recipe's reward (or ``reward_fn``), routed per domain by ``reward_rules`` and with the
+    repetition penalty (``turbos.rl.aggregate``)."""
+    reward = load_reward(reward_fn or recipe.reward)
+    if recipe.reward_rules:
+        reward = route({family: load_reward(spec) for family, spec in recipe.reward_rules.items()}, reward)
+    if recipe.repetition_penalty:
+        reward = with_repetition_penalty(reward, recipe.repetition_penalty)
+    return reward
 
 
 def score_groups(
@@ -420,7 +446,7 @@ def run_grpo(
     checkpoint, finished = start_run(out, resume, overwrite, identity, outputs, "GRPO")
     if finished is not None:
         return finished
-    reward = load_reward(reward_fn or recipe.reward)
+    reward = build_reward(recipe, reward_fn)
     problems = load_prompts(recipe)
     torch.manual_seed(recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
