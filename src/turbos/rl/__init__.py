@@ -10,12 +10,17 @@ rewards (report §3.2.2, §3.5).
 - ``verifier``: answer consistency (equivalent forms of a final answer, report §3.4);
 - ``instructions``: instruction-following constraints with exact checkers (IFEval style) and a
   built-in family of such prompts;
+- ``sandbox``: untrusted code in bubblewrap namespaces with rlimits (the ``code`` reward);
+- ``judge``: a generative judge over any OpenAI-compatible endpoint, pairwise with the positions
+  swapped;
+- ``aggregate``: per-domain reward rules, weighted fusion, the repetition penalty;
 - ``rollout``: groups of samples from the in-process engine on the policy's live weights, and
   the packed batches of the update;
 - ``recipe`` / ``trainer``: ``GRPORecipe`` and ``run_grpo`` (``turbos grpo``), on the shared
   training loop.
 """
 
+from turbos.rl.judge import Judge, judge_reward
 from turbos.rl.recipe import GRPORecipe
 from turbos.rl.rewards import AdaptiveShaping, adaptive_cot_rewards, correct_reward, load_reward
 from turbos.rl.trainer import run_grpo
@@ -23,8 +28,10 @@ from turbos.rl.trainer import run_grpo
 __all__ = [
     "AdaptiveShaping",
     "GRPORecipe",
+    "Judge",
     "adaptive_cot_rewards",
     "correct_reward",
+    "judge_reward",
     "load_reward",
     "run_grpo",
 ]
