@@ -237,3 +237,39 @@ def test_code_prompts_join_the_pool_and_are_scored_by_their_rule_in_the_sandbox(
         family=[p.family for p in rows],
     )
     assert scores == [1.0] * 5 + [0.0]
+
+
+def test_stage_two_pools_share_families_and_score_instructions_by_their_checkers(base, tmp_path) -> None:
+    from turbos.rl.trainer import build_reward, load_prompts, pool_counts
+
+    shares = {"instructions": 0.9, "add": 0.05, "expr": 0.05}
+    assert pool_counts(256, ["instructions", "add", "expr"], shares) == {
+        "instructions": 231,
+        "add": 13,
+        "expr": 12,
+    }
+    assert pool_counts(5, ["add", "expr"], {}) == {"add": 3, "expr": 2}
+    with pytest.raises(ValueError, match="not in prompts.families"):
+        pool_counts(8, ["add"], {"code": 1.0})
+    prompts = {"problems": 10, "families": ["instructions", "add"], "shares": {"instructions": 4, "add": 1}}
+    recipe = _recipe(base, tmp_path, prompts=prompts, reward="builtin:correct")
+    problems = load_prompts(recipe)
+    ifs = [p for p in problems if p.family == "instructions"]
+    assert len(ifs) == 8 and len(problems) == 10
+    test_split = {p.question for p in load_prompts(recipe, split="test") if p.family == "instructions"}
+    assert not test_split & {p.question for p in ifs}, "held-out instruction prompts never train"
+    inst = ifs[0]
+    constraints = json.loads(inst.answer)
+    reward = build_reward(recipe)
+    scores = reward(
+        [inst.question],
+        ["whatever"],
+        content=["whatever"],
+        answer=[inst.answer],
+        family=["instructions"],
+        constraints=[constraints],
+    )
+    from turbos.rl.instructions import check_all, constraint_from_dict
+
+    met = check_all("whatever", [constraint_from_dict(c) for c in constraints])
+    assert scores == [sum(met) / len(met)]

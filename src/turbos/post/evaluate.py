@@ -200,3 +200,24 @@ def format_table(results: dict[str, Any], by: str = "level") -> str:
             row += f"| {s['accuracy'] * 100:5.1f}% {s['mean_tokens']:7.1f} {s['think_rate'] * 100:6.1f}%    "
         lines.append(row)
     return "\n".join(lines)
+
+
+def evaluate_instructions(
+    engine: LLMEngine, instructions: Sequence[Any], mode: str = "auto", max_tokens: int = 200
+) -> dict[str, float]:
+    """Instruction following (``turbos.rl.instructions``, IFEval's two scores): the share of
+    prompts whose reply meets every constraint, and the share of constraints met; greedy."""
+    from turbos.rl.instructions import check_all
+
+    base = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    chats = [prepare_chat([{"role": "user", "content": i.prompt}], mode) for i in instructions]
+    results = engine.generate([c.text for c in chats], [c.sampling_params(base) for c in chats])
+    met = []
+    for inst, result in zip(instructions, results, strict=True):
+        _, content = parse_reasoning(result.text, mode)
+        met.append(check_all(content, inst.constraints))
+    return {
+        "n": len(met),
+        "prompt_accuracy": sum(all(m) for m in met) / max(len(met), 1),
+        "constraint_accuracy": sum(map(sum, met)) / max(sum(map(len, met)), 1),
+    }

@@ -20,11 +20,14 @@ class GRPOPrompts:
     ``{"question", "answer"[, "level", "family", "id"]}`` records (``path``)."""
 
     families: tuple[str, ...] = setting(("add", "expr"), nonempty=True)
-    """Built-in families (``turbos.data.tasks``), and ``code`` (``turbos.data.tasks.code``,
-    levels 1-5, scored by ``reward_rules``)."""
+    """Built-in families (``turbos.data.tasks``), ``code`` (``turbos.data.tasks.code``, levels 1-5)
+    and ``instructions`` (``turbos.rl.instructions``), the last two scored by ``reward_rules``."""
     levels: tuple[int, ...] = setting((1, 2, 3, 4), nonempty=True)
     problems: int = setting(256, gt=0)
-    """Built-in problems in the pool (before filtering), an even share per family."""
+    """Built-in problems in the pool (before filtering)."""
+    shares: dict[str, float] = field(default_factory=dict)
+    """Relative share of the pool per family (``{instructions: 9, add: 0.5, expr: 0.5}``); empty:
+    even shares."""
     path: str | None = None
     """A user JSONL file of problems instead of the built-in ones."""
 
@@ -55,7 +58,9 @@ class GRPORecipe:
     prompts: GRPOPrompts = field(default_factory=GRPOPrompts)
     reward: str = "builtin:correct"
     """``builtin:NAME`` or ``package.module:function`` (``turbos.rl.rewards``)."""
-    reward_rules: dict[str, str] = field(default_factory=lambda: {"code": "builtin:code"})
+    reward_rules: dict[str, str] = field(
+        default_factory=lambda: {"code": "builtin:code", "instructions": "builtin:instructions"}
+    )
     """Per-domain rules: the reward of the samples whose family is a key (``turbos.rl.aggregate``)."""
     repetition_penalty: float = setting(0.0, ge=0)
     """Subtracted times the reply's repeated 4-gram rate (``turbos.rl.aggregate``)."""

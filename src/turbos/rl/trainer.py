@@ -42,6 +42,7 @@ from turbos.model import TurboSForCausalLM
 from turbos.post.sft import export_model
 from turbos.rl.advantages import group_advantages, informative_groups, unstable_prompts
 from turbos.rl.aggregate import route, with_repetition_penalty
+from turbos.rl.instructions import generate_instructions
 from turbos.rl.losses import GRPOLossConfig, grpo_loss
 from turbos.rl.recipe import GRPORecipe
 from turbos.rl.rewards import RewardFn, adaptive_cot_rewards, call_reward, load_reward
@@ -68,26 +69,53 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def load_prompts(recipe: GRPORecipe) -> list[Problem]:
-    """The recipe's prompt pool: a user JSONL file, or built-in train-split problems (an even
-    share per family; a ``code`` problem's answer is the source of its hidden tests)."""
+def load_prompts(recipe: GRPORecipe, split: str = "train") -> list[Problem]:
+    """The recipe's prompt pool: a user JSONL file, or built-in problems of ``split``, shared
+    among the families as ``prompts.shares`` says (evenly by default). Besides the reasoning
+    families, ``code`` problems carry the source of their hidden tests as the answer and
+    ``instructions`` prompts their constraints (JSON), for the rules of ``reward_rules``."""
     from turbos.post.evaluate import read_problems
 
     p = recipe.prompts
     if p.path:
         return read_problems(p.path)
-    others = [f for f in p.families if f != "code"]
-    n_code = p.problems * (len(p.families) - len(others)) // len(p.families)
-    problems = []
-    if others:
-        problems = generate_problems(
-            p.problems - n_code, families=others, levels=p.levels, seed=recipe.seed + 3
-        )
-    if n_code:
+    counts = pool_counts(p.problems, p.families, p.shares)
+    seed = recipe.seed + 3
+    problems: list[Problem] = []
+    reasoning = [f for f in p.families if f not in SPECIAL_FAMILIES]
+    if reasoning:
+        n = sum(counts[f] for f in reasoning)
+        problems += generate_problems(n, families=reasoning, levels=p.levels, split=split, seed=seed)
+    if counts.get("code"):
         levels = tuple(level for level in p.levels if level in CODE_LEVELS) or CODE_LEVELS
-        for c in generate_code_problems(n_code, levels=levels, seed=recipe.seed + 3):
+        for c in generate_code_problems(counts["code"], levels=levels, split=split, seed=seed):
             problems.append(Problem("code", c.level, c.question, c.test_source(), (), c.uid))
+    if counts.get("instructions"):
+        for i, inst in enumerate(generate_instructions(counts["instructions"], seed=seed, split=split)):
+            answer = json.dumps([c.to_dict() for c in inst.constraints])
+            problems.append(
+                Problem("instructions", len(inst.constraints), inst.prompt, answer, (), f"if-{i}")
+            )
     return problems
+
+
+SPECIAL_FAMILIES = ("code", "instructions")
+
+
+def pool_counts(total: int, families: Sequence[str], shares: dict[str, float]) -> dict[str, int]:
+    """Prompts per family: ``shares`` (relative weights, missing ones 0) or even, summing to ``total``."""
+    unknown = [f for f in shares if f not in families]
+    if unknown:
+        raise ValueError(
+            f"prompts.shares names {unknown[0]!r}, which is not in prompts.families {list(families)}"
+        )
+    weights = [shares.get(f, 0.0) if shares else 1.0 for f in families]
+    if sum(weights) <= 0:
+        raise ValueError("prompts.shares must give some family a positive share")
+    counts = [int(total * w / sum(weights)) for w in weights]
+    for i in sorted(range(len(families)), key=lambda i: -weights[i])[: total - sum(counts)]:
+        counts[i] += 1  # the remainder to the largest shares
+    return dict(zip(families, counts, strict=True))
 
 
 def build_reward(recipe: GRPORecipe, reward_fn: RewardFn | None = None) -> RewardFn:
@@ -120,6 +148,10 @@ def score_groups(
         "thought": [s.thought for s in flat],
         "reasoning": [r for r, _ in split],
         "content": [c for _, c in split],
+        "constraints": [
+            json.loads(problems[s.group].answer) if problems[s.group].family == "instructions" else None
+            for s in flat
+        ],
     }
     base = call_reward(reward_fn, [problems[s.group].question for s in flat], [s.text for s in flat], **meta)
     at = 0
