@@ -159,6 +159,13 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     assert printed.count("reusing") == 6, printed
     assert json.loads((out / "results.json").read_text())["eval"]["targets"]
 
+    # Stage II (stage 7) on top: the six stages reused, instruction following measured before and after.
+    outcome = run_demo(out, DemoSettings.quick().replaced({"stage2": True}), progress=False)
+    assert capsys.readouterr().out.count("reusing") == 6
+    following = outcome["grpo-general"]["instructions"]
+    assert following["before"]["n"] == following["after"]["n"] == 8
+    assert "## After GRPO Stage II" in (out / "report.md").read_text()
+
 
 def test_demo_settings_are_checked_before_any_stage_runs(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="adaptive_from"):

@@ -36,6 +36,7 @@ from turbos.train.plots import pyplot, save_figure
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 RECIPE, GRPO_RECIPE = RECIPES / "tiny.yaml", RECIPES / "grpo-reasoning.yaml"
+STAGE2_RECIPE = RECIPES / "grpo-general.yaml"
 
 
 @dataclass
@@ -72,6 +73,13 @@ class DemoSettings:
     """Stage 6: GRPO from the adaptive SFT model, then its evaluation."""
     grpo_overrides: list[str] = field(default_factory=list)
     """``key=value`` changes to ``recipes/grpo-reasoning.yaml`` (``turbos.rl.GRPORecipe``)."""
+    stage2: bool = False
+    """Stage 7 (``--with-stage2``): GRPO Stage II from the stage 6 model, then instruction
+    following and reasoning measured on the stage 6 and the stage 7 models."""
+    stage2_overrides: list[str] = field(default_factory=list)
+    """``key=value`` changes to ``recipes/grpo-general.yaml``."""
+    instruction_prompts: int = setting(200, ge=1)
+    """Held-out instruction prompts of stage 7's measurement."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +135,14 @@ class DemoSettings:
                 "max_tokens=48",
                 "filter_prompts=false",
             ],
+            stage2_overrides=[
+                "steps=2",
+                "prompts.problems=24",
+                "prompts_per_rollout=4",
+                "group_size=4",
+                "max_tokens=48",
+            ],
+            instruction_prompts=8,
         )
 
 
@@ -144,6 +160,7 @@ STAGE_SETTINGS = {
     "sft-adaptive": ("adaptive_steps", "adaptive_from", "adaptive_loss"),
     "eval": ("eval_per_level", "max_tokens"),
     "grpo": ("grpo", "grpo_overrides"),
+    "grpo-general": ("stage2", "stage2_overrides", "instruction_prompts"),
 }
 
 
@@ -341,8 +358,31 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         ("sft-adaptive", "adaptive SFT", adaptive_sft),
         ("eval", "evaluate no_think / think / auto", evaluate),
     ]
+
+    def stage2(resume: bool) -> dict:
+        from turbos.rl import GRPORecipe, run_grpo
+
+        run_dir = out / "grpo-general"
+        overrides = [
+            f"model={out / 'grpo' / 'model'}",
+            f"output_dir={run_dir}",
+            f"seed={settings.seed}",
+            f"prompts.levels={json.dumps(levels)}",
+            *settings.stage2_overrides,
+        ]
+        recipe = GRPORecipe.load(STAGE2_RECIPE, overrides)
+        before = instruction_following(out / "grpo" / "model", settings)
+        summary = run_grpo(recipe, progress=progress, resume=resume_point(run_dir, resume), overwrite=True)
+        evaluation = evaluate_adaptive(run_dir / "model", settings, run_dir / "eval")
+        after = instruction_following(run_dir / "model", settings)
+        return {"summary": summary, "instructions": {"before": before, "after": after}, **evaluation}
+
     if settings.grpo:
         stages.append(("grpo", "GRPO with adaptive-CoT rewards, then evaluate", grpo))
+    if settings.stage2:
+        if not settings.grpo:
+            raise ValueError("stage2 needs the stage 6 model: set grpo=true too")
+        stages.append(("grpo-general", "GRPO Stage II (instruction following), then evaluate", stage2))
     redo = fresh  # a stage redone invalidates every later one
     outcome: dict[str, Any] = {}
     plain = json.loads(json.dumps(asdict(settings)))
@@ -358,6 +398,18 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
         print(f"{'met ' if target['met'] else 'MISS'}  {name}: {target['measured']}")
     write_report(out, outcome, settings)
     return outcome
+
+
+def instruction_following(model_dir: Path, settings: DemoSettings) -> dict[str, float]:
+    """Held-out instruction prompts (test split) answered in auto mode, greedy
+    (``turbos.post.evaluate.evaluate_instructions``)."""
+    from turbos.post.evaluate import evaluate_instructions
+    from turbos.rl.instructions import generate_instructions
+    from turbos.serve import LLMEngine
+
+    engine = LLMEngine.from_pretrained(model_dir, max_running=64, seed=settings.seed)
+    prompts = generate_instructions(settings.instruction_prompts, seed=settings.seed, split="test")
+    return evaluate_instructions(engine, prompts, "auto", settings.max_tokens)
 
 
 def evaluate_adaptive(model_dir: Path, settings: DemoSettings, out: Path) -> dict[str, Any]:
@@ -483,6 +535,11 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
             f"{rl['summary'].get('rollouts', '?')} rollouts; {prompts.get('kept', '?')} of "
             f"{prompts.get('pool', '?')} prompts kept by the filter |"
         )
+    if "grpo-general" in outcome:
+        stages.append(
+            f"| GRPO Stage II + evaluation | {outcome['grpo-general']['wall_s']} | "
+            f"{outcome['grpo-general']['summary']['steps']} updates |"
+        )
     total = sum(outcome[k]["wall_s"] for k in outcome)
     lines = [
         "# turbos demo",
@@ -513,6 +570,24 @@ def write_report(out: Path, outcome: dict[str, Any], settings: DemoSettings) -> 
             "",
             *family_table(rl["results"]),
             *_targets_table(rl["targets"]),
+        ]
+    stage2 = outcome.get("grpo-general")
+    if stage2:
+        before, after = stage2["instructions"]["before"], stage2["instructions"]["after"]
+        lines += [
+            "## After GRPO Stage II (instruction following, report §3.5)",
+            "",
+            "| model | prompts meeting every constraint | constraints met | think | auto |",
+            "|---|---|---|---|---|",
+            f"| after Stage I | {before['prompt_accuracy'] * 100:.1f}% | "
+            f"{before['constraint_accuracy'] * 100:.1f}% | "
+            f"{rl['results']['think']['overall']['accuracy'] * 100:.1f}% | "
+            f"{rl['results']['auto']['overall']['accuracy'] * 100:.1f}% |",
+            f"| after Stage II | {after['prompt_accuracy'] * 100:.1f}% | "
+            f"{after['constraint_accuracy'] * 100:.1f}% | "
+            f"{stage2['results']['think']['overall']['accuracy'] * 100:.1f}% | "
+            f"{stage2['results']['auto']['overall']['accuracy'] * 100:.1f}% |",
+            "",
         ]
     lines += [
         *(routing_report(rows) if rows else []),
