@@ -247,6 +247,27 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reward_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from turbos.rl.remote import serve_reward
+    from turbos.rl.rewards import load_reward
+
+    try:
+        reward_fn = load_reward(args.reward)
+    except ValueError as err:
+        print(f"turbos reward serve: {err}", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get("TURBOS_REWARD_API_KEY")
+    print(
+        f"serving reward {args.reward} at http://{args.host}:{args.port}/v1/reward "
+        f"(API key {'on' if api_key else 'off'})",
+        file=sys.stderr,
+    )
+    serve_reward(reward_fn, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch)
+    return 0
+
+
 def _cmd_sandbox_run(args: argparse.Namespace) -> int:
     from turbos.rl.sandbox import Limits, Sandbox, SandboxUnavailable
 
@@ -649,6 +670,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds")
     p.add_argument("--memory-mb", type=_int_at_least(16), default=512, help="address space per process")
     p.set_defaults(func=_cmd_sandbox_run)
+
+    p = sub.add_parser("reward", help="reward functions as HTTP services (POST /v1/reward)")
+    rew = p.add_subparsers(dest="reward_command", required=True)
+    p = rew.add_parser("serve", help="serve a reward function at POST /v1/reward (an http:// reward spec)")
+    p.add_argument("--reward", required=True, help="builtin:NAME or package.module:function")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TURBOS_REWARD_API_KEY)")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=1024, help="most samples per request")
+    p.set_defaults(func=_cmd_reward_serve)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, thinking modes)")
     _add_engine_flags(p)

@@ -6,7 +6,13 @@ A reward function has TRL's signature, ``reward(prompts, completions, **meta) ->
 ``<think>...</think>`` block, if any), and ``meta`` holds per-sample lists: ``answer`` (the
 reference answer), ``family``, ``level``, ``mode`` (how the sample was drawn: ``auto``, or a
 depth probe ``think`` / ``no_think``), ``thought`` and ``reasoning`` / ``content`` (the reply
-split at ``</think>``). A recipe names one as ``builtin:NAME`` or ``package.module:function``.
+split at ``</think>``). A recipe names one as:
+
+- ``builtin:NAME``: a built-in reward (below);
+- ``package.module:function``: a function of an importable module;
+- ``http://HOST:PORT/v1/reward`` (or ``https://...``): a reward served over HTTP by
+  ``turbos reward serve`` (``turbos.rl.remote.remote_reward``; any failure raises
+  ``RemoteRewardError``, never a made-up score).
 
 Built-in rewards (``BUILTIN_REWARDS``), each scoring ``content``:
 
@@ -130,9 +136,14 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
 
 
 def load_reward(spec: str | RewardFn) -> RewardFn:
-    """A reward function: a callable as is, ``builtin:NAME``, or ``package.module:function``."""
+    """A reward function: a callable as is, ``builtin:NAME``, ``package.module:function``, or the
+    URL of a remote reward endpoint (``http://...`` / ``https://...``)."""
     if callable(spec):
         return spec
+    if spec.startswith(("http://", "https://")):
+        from turbos.rl.remote import remote_reward
+
+        return remote_reward(spec)
     where, colon, name = spec.partition(":")
     if not colon or not where or not name:
         raise ValueError(f"reward {spec!r}: expected builtin:NAME or package.module:function")
