@@ -160,9 +160,9 @@ def test_demo_quick_runs_every_stage_and_reuses_them(tmp_path, capsys) -> None:
     assert json.loads((out / "results.json").read_text())["eval"]["targets"]
 
     # Stage II (stage 7) on top: the six stages reused, instruction following measured before and after.
-    outcome = run_demo(out, DemoSettings.quick().replaced({"stage2": True}), progress=False)
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--with-stage2"]) == 0
     assert capsys.readouterr().out.count("reusing") == 6
-    following = outcome["grpo-general"]["instructions"]
+    following = json.loads((out / "results.json").read_text())["grpo-general"]["instructions"]
     assert following["before"]["n"] == following["after"]["n"] == 8
     assert "## After GRPO Stage II" in (out / "report.md").read_text()
 

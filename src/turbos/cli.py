@@ -45,7 +45,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from turbos.post.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    flags = {"seed": args.seed, "adaptive_from": args.adaptive_from, "fusion_check_share": args.check_share}
+    flags = {
+        "seed": args.seed,
+        "adaptive_from": args.adaptive_from,
+        "fusion_check_share": args.check_share,
+        "stage2": True if args.with_stage2 else None,
+    }
     settings = settings.replaced({k: v for k, v in flags.items() if v is not None})
     settings = settings.with_overrides(args.overrides)
     run_demo(args.out, settings, fresh=args.fresh, progress=not args.no_progress)  # prints the targets
@@ -535,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="share of solved fusion problems checked in a think block (default 0, 0.25 with "
         "--quick; see docs/adaptive-cot.md)",
+    )
+    p.add_argument(
+        "--with-stage2",
+        action="store_true",
+        help="add stage 7: GRPO Stage II (instruction following, recipes/grpo-general.yaml)",
     )
     p.add_argument(
         "overrides",
