@@ -263,6 +263,7 @@ def grpo_recipe(settings: DemoSettings, out: Path, run_dir: Path, seed: int | No
         f"seed={settings.seed if seed is None else seed}",
         f"prompts.families={json.dumps(list(settings.families))}",
         f"prompts.levels={json.dumps(list(settings.levels))}",
+        "prompts.shares={}",
         *settings.grpo_overrides,
     ]
     return GRPORecipe.load(GRPO_RECIPE, overrides)

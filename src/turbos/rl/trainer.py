@@ -71,7 +71,8 @@ RESUMABLE_CHANGES = frozenset(
 
 def load_prompts(recipe: GRPORecipe, split: str = "train") -> list[Problem]:
     """The recipe's prompt pool: a user JSONL file, or built-in problems of ``split``, shared
-    among the families as ``prompts.shares`` says (evenly by default). Besides the reasoning
+    among the families as ``prompts.shares`` says (evenly by default; a family with fewer
+    problems than its share, such as ``code``'s few level-5 ones, gives what it has). Besides the reasoning
     families, ``code`` problems carry the source of their hidden tests as the answer and
     ``instructions`` prompts their constraints (JSON), for the rules of ``reward_rules``."""
     from turbos.post.evaluate import read_problems
@@ -83,9 +84,15 @@ def load_prompts(recipe: GRPORecipe, split: str = "train") -> list[Problem]:
     seed = recipe.seed + 3
     problems: list[Problem] = []
     reasoning = [f for f in p.families if f not in SPECIAL_FAMILIES]
-    if reasoning:
+    if reasoning and not p.shares:  # even shares: one draw balanced over families x levels
         n = sum(counts[f] for f in reasoning)
         problems += generate_problems(n, families=reasoning, levels=p.levels, split=split, seed=seed)
+    else:
+        for family in reasoning:
+            if counts[family]:
+                problems += generate_problems(
+                    counts[family], families=[family], levels=p.levels, split=split, seed=seed
+                )
     if counts.get("code"):
         levels = tuple(level for level in p.levels if level in CODE_LEVELS) or CODE_LEVELS
         for c in generate_code_problems(counts["code"], levels=levels, split=split, seed=seed):
