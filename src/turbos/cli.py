@@ -180,6 +180,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deliberate(args: argparse.Namespace) -> int:
+    from turbos.rl.deliberate import deliberate
+
+    summary = deliberate(
+        args.model,
+        args.rival,
+        args.out,
+        rounds=args.rounds,
+        prompts_per_category=args.per_category,
+        sft_steps=args.sft_steps,
+        sft_lr=args.sft_lr,
+        seed=args.seed,
+        families=args.families,
+        levels=args.levels,
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    rows = [*(r["profile"] for r in summary["rounds"]), summary["final"]["profile"]]
+    for index, profile in enumerate(rows):
+        label = "final" if index == len(rows) - 1 else f"round {index}"
+        o = profile["overall"]
+        print(
+            f"{label}: accuracy {o['accuracy'] * 100:.0f}%, win rate {o['win_rate'] * 100:.0f}%, "
+            f"loss rate {o['loss_rate'] * 100:.0f}%, weakest {profile['weakest']}"
+        )
+    print(f"weakest of round 0 ({summary['weakest_round0']}) improved: {summary['weakest_improved']}")
+    print(f"summary: {args.out}/summary.json")
+    return 0
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import itertools
 
@@ -622,6 +654,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-family", action="store_true", help="one row per family and level")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "deliberate", help="multi-round deliberation: judge vs rivals, weakness profile, SFT on loss data"
+    )
+    p.add_argument("--model", required=True, help="the turbos model directory to improve")
+    p.add_argument(
+        "--rival",
+        action="append",
+        required=True,
+        help="a rival: a model directory or an endpoint http://HOST:PORT/v1#MODEL (repeatable)",
+    )
+    p.add_argument("--rounds", type=_int_at_least(1), default=1)
+    p.add_argument("--out", default="runs/deliberate")
+    p.add_argument("--per-category", type=_int_at_least(1), default=4, help="prompts per family and level")
+    p.add_argument("--sft-steps", type=_int_at_least(1), default=20)
+    p.add_argument(
+        "--sft-lr",
+        type=float,
+        default=1e-4,
+        help="SFT learning rate on the loss data (the demo's 2e-3 wrecks an RL-tuned model)",
+    )
+    p.add_argument("--families", nargs="+")
+    p.add_argument("--levels", nargs="+", type=int)
+    p.add_argument("--mode", default="auto", choices=["auto", "think", "no_think"])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_deliberate)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
