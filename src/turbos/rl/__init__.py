@@ -14,6 +14,8 @@ rewards (report §3.2.2, §3.5).
 - ``judge``: a generative judge over any OpenAI-compatible endpoint, pairwise with the positions
   swapped;
 - ``aggregate``: per-domain reward rules, weighted fusion, the repetition penalty;
+- ``remote``: reward functions as HTTP services and their client;
+- ``deliberate``: deliberation learning (rivals, a judge panel, weakness profile, loss data);
 - ``rollout``: groups of samples from the in-process engine on the policy's live weights, and
   the packed batches of the update;
 - ``recipe`` / ``trainer``: ``GRPORecipe`` and ``run_grpo`` (``turbos grpo``), on the shared
