@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from turbos.data.tasks import Problem, extract_answer, generate_problems, verify
 from turbos.data.tasks.generate import _resolve
+from turbos.post.chat_data import write_records
 from turbos.rl.aggregate import repetition_rate
 from turbos.rl.verifier import answers_match, final_answer
 
@@ -695,13 +696,6 @@ def _record(problem: Problem, reply: str, source: str, kind: str) -> dict[str, A
     }
 
 
-def write_records(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 # ---------------------------------------------------------------------------------------- rounds
 def profile_round(
     model: Contestant,
@@ -808,7 +802,8 @@ def deliberate(
             summary["final"] = {"model": current, "profile": profile}
             break
         records = loss_data(pairs, profile, budget, keep_share, seed + r)
-        data_path = write_records(records, directory / "loss_data.jsonl")
+        data_path = directory / "loss_data.jsonl"  # profile_round made the directory
+        write_records(records, data_path)
         entry: dict[str, Any] = {
             "round": r,
             "model": current,
