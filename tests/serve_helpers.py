@@ -62,6 +62,29 @@ def greedy_alone(model: TurboSForCausalLM, prompt_ids: list[int], num_tokens: in
 
 
 @contextmanager
+def serving(app, **options) -> Iterator[str]:
+    """``app`` under uvicorn (``options``: ``uvicorn.Config`` fields) on 127.0.0.1 and a free
+    port, in a thread; yields the base URL and checks on exit that the server shut down."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", **options}))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+@contextmanager
 def running_server(
     engine: LLMEngine, model_name: str = "tiny", **settings
 ) -> Iterator[tuple[str, AsyncLLMEngine]]:
@@ -70,23 +93,8 @@ def running_server(
     config = ServerConfig(**{"log_level": "warning", **settings})
     async_engine = AsyncLLMEngine(engine)
     app = create_app(async_engine, model_name, config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", async_engine
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-        assert not thread.is_alive(), "the server did not shut down"
+    with serving(app, **uvicorn_options(config)) as url:
+        yield url, async_engine
 
 
 def post_raw(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:

@@ -7,20 +7,17 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from conftest import small_config
-from serve_helpers import running_server
+from serve_helpers import running_server, serving
 from turbos.model import TurboSForCausalLM
 from turbos.rl.judge import Judge, JudgeError, judge_reward, parse_verdict
 from turbos.serve import LLMEngine
@@ -56,32 +53,10 @@ class ScriptedJudge:
         self.app = app
 
 
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """``app`` under uvicorn on 127.0.0.1 and a free port, in a thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def scripted_server() -> Iterator[tuple[str, ScriptedJudge]]:
     scripted = ScriptedJudge()
-    with serve(scripted.app) as url:
+    with serving(scripted.app, timeout_graceful_shutdown=2) as url:
         yield url, scripted
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -12,8 +11,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 
+from serve_helpers import serving
 from turbos.cli import build_parser
 from turbos.rl.remote import RemoteReward, RemoteRewardError, remote_reward, reward_app
 from turbos.rl.rewards import BUILTIN_REWARDS, RewardFn, load_reward
@@ -23,24 +22,8 @@ from turbos.rl.rewards import BUILTIN_REWARDS, RewardFn, load_reward
 def running_reward(reward_fn: RewardFn, **options: Any) -> Iterator[str]:
     """``reward_app(reward_fn, **options)`` on 127.0.0.1 and a free port in a thread; yields the
     endpoint URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(reward_app(reward_fn, **options), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1/reward"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-        assert not thread.is_alive(), "the server did not shut down"
+    with serving(reward_app(reward_fn, **options), lifespan="off") as url:
+        yield f"{url}/v1/reward"
 
 
 class Recorder:
