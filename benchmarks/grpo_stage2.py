@@ -21,13 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
-from turbos.post.demo import DemoSettings, evaluate_adaptive  # noqa: E402
+from turbos.post.demo import DemoSettings, evaluate_adaptive, grpo_recipe  # noqa: E402
 from turbos.post.evaluate import evaluate_instructions  # noqa: E402
-from turbos.rl import GRPORecipe, run_grpo  # noqa: E402
+from turbos.rl import run_grpo  # noqa: E402
 from turbos.rl.instructions import generate_instructions  # noqa: E402
 from turbos.serve import LLMEngine  # noqa: E402
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "grpo-general.yaml"
 
 
 def measure(model: Path, settings: DemoSettings, instructions: list, out: Path) -> dict:
@@ -54,8 +52,7 @@ def main() -> None:
     out = args.run / "grpo-general"
     before = measure(start, settings, held_out, out / "eval-before")
     print("before:", json.dumps(before), flush=True)
-    changes = [f"model={start}", f"output_dir={out}", f"seed={settings.seed}", *args.overrides]
-    recipe = GRPORecipe.load(RECIPE, changes)
+    recipe = grpo_recipe(settings.replaced({"stage2_overrides": args.overrides}), args.run, out, stage2=True)
     run_grpo(recipe, progress=True, overwrite=True)
     after = measure(out / "model", settings, held_out, out / "eval-after")
     print("after:", json.dumps(after), flush=True)

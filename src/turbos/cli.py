@@ -58,25 +58,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from turbos.post.sft import SFTRecipe, run_sft
+def _cmd_post_train(args: argparse.Namespace) -> int:
+    """``turbos sft`` and ``turbos grpo``: a recipe, its overrides, resume flags; prints the summary."""
+    if args.command == "sft":
+        from turbos.post.sft import SFTRecipe as Recipe
+        from turbos.post.sft import run_sft as run
+    else:
+        from turbos.rl import GRPORecipe as Recipe
+        from turbos.rl import run_grpo as run
 
-    summary = run_sft(
-        SFTRecipe.load(args.recipe, args.overrides),
-        progress=not args.no_progress,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_at=args.stop_at,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_grpo(args: argparse.Namespace) -> int:
-    from turbos.rl import GRPORecipe, run_grpo
-
-    summary = run_grpo(
-        GRPORecipe.load(args.recipe, args.overrides),
+    summary = run(
+        Recipe.load(args.recipe, args.overrides),
         progress=not args.no_progress,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -592,14 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     _add_resume_flags(p, "step")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_sft)
+    p.set_defaults(func=_cmd_post_train)
 
     p = sub.add_parser("grpo", help="GRPO with the adaptive-CoT rewards (report sections 3.2.2, 3.5)")
     p.add_argument("--recipe", required=True, help="YAML GRPO recipe (see turbos.rl.GRPORecipe)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. kl_coef=0.01 prompts.levels=[3,4]")
     _add_resume_flags(p, "step")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_grpo)
+    p.set_defaults(func=_cmd_post_train)
 
     p = sub.add_parser("fuse-cot", help="adaptive long-short CoT fusion data from a short-CoT model")
     _add_model_flags(p, max_running=64)

@@ -252,21 +252,26 @@ def adaptive_sft_recipe(settings: DemoSettings, out: Path) -> SFTRecipe:
     )
 
 
-def grpo_recipe(settings: DemoSettings, out: Path, run_dir: Path, seed: int | None = None):
-    """Stage 6: ``recipes/grpo-reasoning.yaml`` on the adaptive SFT model of ``out``, writing to
-    ``run_dir``, with the demo's families, levels and seed (or ``seed``) and ``grpo_overrides``."""
+def grpo_recipe(
+    settings: DemoSettings, out: Path, run_dir: Path, seed: int | None = None, stage2: bool = False
+):
+    """Stage 6: ``recipes/grpo-reasoning.yaml`` on the adaptive SFT model of ``out``, on the
+    demo's families in even shares, with ``grpo_overrides``; or with ``stage2``, stage 7:
+    ``recipes/grpo-general.yaml`` on the stage 6 model, with ``stage2_overrides``. Both write to
+    ``run_dir`` and use the demo's levels and seed (or ``seed``)."""
     from turbos.rl import GRPORecipe
 
-    overrides = [
-        f"model={out / 'sft-adaptive' / 'model'}",
+    common = [
         f"output_dir={run_dir}",
         f"seed={settings.seed if seed is None else seed}",
-        f"prompts.families={json.dumps(list(settings.families))}",
         f"prompts.levels={json.dumps(list(settings.levels))}",
-        "prompts.shares={}",
-        *settings.grpo_overrides,
     ]
-    return GRPORecipe.load(GRPO_RECIPE, overrides)
+    if stage2:
+        model = out / "grpo" / "model"
+        return GRPORecipe.load(STAGE2_RECIPE, [f"model={model}", *common, *settings.stage2_overrides])
+    own = [f"prompts.families={json.dumps(list(settings.families))}", "prompts.shares={}"]
+    model = out / "sft-adaptive" / "model"
+    return GRPORecipe.load(GRPO_RECIPE, [f"model={model}", *common, *own, *settings.grpo_overrides])
 
 
 def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progress: bool = True) -> dict:
@@ -361,17 +366,10 @@ def run_demo(out: str | Path, settings: DemoSettings, fresh: bool = False, progr
     ]
 
     def stage2(resume: bool) -> dict:
-        from turbos.rl import GRPORecipe, run_grpo
+        from turbos.rl import run_grpo
 
         run_dir = out / "grpo-general"
-        overrides = [
-            f"model={out / 'grpo' / 'model'}",
-            f"output_dir={run_dir}",
-            f"seed={settings.seed}",
-            f"prompts.levels={json.dumps(levels)}",
-            *settings.stage2_overrides,
-        ]
-        recipe = GRPORecipe.load(STAGE2_RECIPE, overrides)
+        recipe = grpo_recipe(settings, out, run_dir, stage2=True)
         before = instruction_following(out / "grpo" / "model", settings)
         summary = run_grpo(recipe, progress=progress, resume=resume_point(run_dir, resume), overwrite=True)
         evaluation = evaluate_adaptive(run_dir / "model", settings, run_dir / "eval")

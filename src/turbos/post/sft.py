@@ -450,6 +450,43 @@ def export_model(model: TurboSForCausalLM, tokenizer: Tokenizer, directory: str 
     return directory
 
 
+def finetune_parts(
+    recipe: Any,
+    model: TurboSForCausalLM,
+    min_lr: float,
+    run_dir: Path,
+    identity: dict[str, Any],
+    device: torch.device,
+    tokenizer_dir: Path,
+    progress: bool,
+    description: str,
+) -> tuple[Callable[[nn.Module], torch.optim.Optimizer], LRSchedule, LoopSettings]:
+    """What a post-training run (SFT, GRPO) gives ``TrainLoop`` from its recipe's common fields
+    (lr, betas, weight_decay, expert_lr, warmup_steps, steps, precision, grad_clip,
+    checkpoint_interval, keep_last): the optimizer factory (expert-specific LR), the warm-up +
+    cosine schedule to ``min_lr``, and the loop settings (no final checkpoint: the exported model
+    is the final output)."""
+    c = model.config
+    scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts)
+    return (
+        lambda m: build_optimizer(m, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale),
+        LRSchedule.warmup_cosine(recipe.lr, min_lr, recipe.warmup_steps, recipe.steps),
+        LoopSettings(
+            run_dir=run_dir,
+            recipe_state=identity,
+            device=device,
+            precision=recipe.precision,
+            grad_clip=recipe.grad_clip,
+            checkpoint_interval=recipe.checkpoint_interval,
+            keep_last=recipe.keep_last,
+            save_final=False,
+            tokenizer_dir=tokenizer_dir,
+            progress=progress,
+            description=description,
+        ),
+    )
+
+
 # Recipe fields a resumed run may change: where it writes, how often it saves, where it runs.
 # Every other field shapes the batches or the updates, so a checkpoint refuses a recipe that differs.
 RESUMABLE_CHANGES = frozenset(
@@ -514,27 +551,16 @@ def run_sft(
     tokenizer = load_tokenizer(recipe.model)
     tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")  # copied into every checkpoint
     data = encode_datasets(recipe.data, tokenizer, recipe.max_len)
-    c = model.config
-    scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts)
+    optimizer, schedule, settings = finetune_parts(
+        recipe, model, recipe.min_lr, out, identity, device, tokenizer_dir, progress, "sft"
+    )
     loop = SFTLoop(
         model,
-        lambda m: build_optimizer(m, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale),
-        LRSchedule.warmup_cosine(recipe.lr, recipe.min_lr, recipe.warmup_steps, recipe.steps),
+        optimizer,
+        schedule,
         ChatBatches(data, recipe),
         sft_loss_fn(recipe.loss_normalization == "sequence"),
-        LoopSettings(
-            run_dir=out,
-            recipe_state=identity,
-            device=device,
-            precision=recipe.precision,
-            grad_clip=recipe.grad_clip,
-            checkpoint_interval=recipe.checkpoint_interval,
-            keep_last=recipe.keep_last,
-            save_final=False,  # the exported model is the final output
-            tokenizer_dir=tokenizer_dir,
-            progress=progress,
-            description="sft",
-        ),
+        settings,
         parallelize,
     )
     if checkpoint is not None:

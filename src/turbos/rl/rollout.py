@@ -17,6 +17,7 @@ out of the loss, so the decision to think is learned from the free samples alone
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -58,8 +59,9 @@ class Sample:
     ref_logprobs: list[float] = field(default_factory=list)
     """The reference model's log-probabilities of the trained tokens."""
 
-    @property
+    @functools.cached_property
     def reasoning_content(self) -> tuple[str | None, str]:
+        """(reasoning or None, answer) of the reply, parsed once."""
         return parse_reasoning(self.text, "auto")
 
     @property

@@ -39,7 +39,7 @@ from turbos.data.tasks.code import generate_code_problems
 from turbos.data.tokenizer import load_tokenizer, save_tokenizer
 from turbos.device import resolve_device
 from turbos.model import TurboSForCausalLM
-from turbos.post.sft import export_model
+from turbos.post.sft import export_model, finetune_parts
 from turbos.rl.advantages import group_advantages, informative_groups, unstable_prompts
 from turbos.rl.aggregate import route, with_repetition_penalty
 from turbos.rl.instructions import generate_instructions
@@ -56,10 +56,8 @@ from turbos.rl.rollout import (
 )
 from turbos.serve import LLMEngine
 from turbos.train.checkpoint import recipe_state, start_run
-from turbos.train.loop import LoopSettings, TrainLoop
+from turbos.train.loop import TrainLoop
 from turbos.train.metrics import moe_counts
-from turbos.train.optim import build_optimizer, expert_lr_scale
-from turbos.train.schedule import LRSchedule
 
 MODEL_DIR, SUMMARY_FILE, FILTER_FILE = "model", "grpo_summary.json", "filter.json"
 
@@ -424,6 +422,8 @@ class GRPOLoop(TrainLoop):
     """The shared loop with rollouts as its batch source."""
 
     batches: RolloutSource
+    last_rollout: dict[str, float] | None = None
+    """The latest rollout's reward and accuracy, shown by the progress bar."""
 
     def grad_accum(self) -> int:
         return self.batches.recipe.micro_batches
@@ -452,7 +452,7 @@ class GRPOLoop(TrainLoop):
             self.last_rollout = {k: record[k] for k in ("reward", "auto/accuracy") if k in record}
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
-        shown = getattr(self, "last_rollout", {})
+        shown = self.last_rollout or {}
         return {
             "reward": f"{shown.get('reward', math.nan):.3f}",
             "acc": f"{shown.get('auto/accuracy', math.nan):.2f}",
@@ -498,29 +498,11 @@ def run_grpo(
     if recipe.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     engine = LLMEngine(model, tokenizer, max_running=recipe.max_running, seed=recipe.seed)
-    c = model.config
-    scale = expert_lr_scale(recipe.expert_lr, c.num_experts_per_tok, c.num_experts)
     min_lr = recipe.lr if recipe.min_lr is None else recipe.min_lr
-    loop = GRPOLoop(
-        model,
-        lambda m: build_optimizer(m, recipe.lr, recipe.betas, recipe.weight_decay, expert_scale=scale),
-        LRSchedule.warmup_cosine(recipe.lr, min_lr, recipe.warmup_steps, recipe.steps),
-        None,
-        grpo_loss_fn(recipe.loss),
-        LoopSettings(
-            run_dir=out,
-            recipe_state=identity,
-            device=device,
-            precision=recipe.precision,
-            grad_clip=recipe.grad_clip,
-            checkpoint_interval=recipe.checkpoint_interval,
-            keep_last=recipe.keep_last,
-            save_final=False,
-            tokenizer_dir=tokenizer_dir,
-            progress=progress,
-            description="grpo",
-        ),
+    optimizer, schedule, settings = finetune_parts(
+        recipe, model, min_lr, out, identity, device, tokenizer_dir, progress, "grpo"
     )
+    loop = GRPOLoop(model, optimizer, schedule, None, grpo_loss_fn(recipe.loss), settings)
     loop.batches = RolloutSource(engine, reference, problems, reward, recipe, loop.write)
     if checkpoint is not None:
         loop.resume(checkpoint)
