@@ -287,3 +287,26 @@ def test_one_round_end_to_end(tmp_path):
     assert summary["weakest_round0"] in round0["profile"]["categories"]
     assert isinstance(summary["weakest_improved"], bool)
     assert json.loads((out / "summary.json").read_text())["weakest_round0"] == summary["weakest_round0"]
+
+
+def test_an_endpoint_rival_answers_through_the_shared_chat_endpoint() -> None:
+    from fastapi import FastAPI
+
+    from serve_helpers import serving
+    from turbos.rl.deliberate import EndpointContestant
+
+    app, seen = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:
+        seen.append(body)
+        message = {"content": "Answer: 4", "reasoning_content": "2 + 2 = 4"}
+        return {"choices": [{"index": 0, "message": message}]}
+
+    with serving(app) as url:
+        rival = EndpointContestant(url, "judge-model", name="rival", max_tokens=16)
+        assert rival.answer(["What is 2 + 2?"]) == ["<think>\n2 + 2 = 4\n</think>\nAnswer: 4"]
+    assert seen[0]["model"] == "judge-model" and seen[0]["max_tokens"] == 16
+    closed = EndpointContestant(url, "m", name="gone", timeout=2)
+    with pytest.raises(ConnectionError, match="contestant gone"):
+        closed.answer(["q"])

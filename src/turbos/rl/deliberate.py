@@ -63,9 +63,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,13 +126,19 @@ def split_reply(reply: str) -> tuple[str, str]:
     return (reasoning or "").strip(), content.strip()
 
 
+def with_reasoning(reasoning: str, content: str) -> str:
+    """A contestant's reply: ``<think>\\nreasoning\\n</think>\\nanswer``, or the answer alone."""
+    reasoning = reasoning.strip()
+    return f"<think>\n{reasoning}\n</think>\n{content}" if reasoning else content
+
+
 def house_reply(reply: str) -> str:
     """A reply in the fused-data format: ``<think>\\nreasoning\\n</think>\\nanswer``, or
-    ``<think></think>answer`` when it has no reasoning."""
+    ``<think></think>answer`` (``cot_fusion.short_form``) when it has no reasoning."""
+    from turbos.post.cot_fusion import short_form
+
     reasoning, content = split_reply(reply)
-    if reasoning:
-        return f"<think>\n{reasoning}\n</think>\n{content}"
-    return f"<think></think>{content}"
+    return with_reasoning(reasoning, content) if reasoning else short_form(content)
 
 
 class Contestant:
@@ -200,7 +203,7 @@ class ModelContestant(Contestant):
         replies = [""] * len(questions)  # a question leaving no room gets an empty reply
         for index, result in zip(slots, engine.generate(prompts, params) if prompts else [], strict=True):
             reasoning, content = parse_reasoning(result.text, chats[index].mode)
-            replies[index] = f"<think>\n{reasoning}\n</think>\n{content}" if reasoning else content
+            replies[index] = with_reasoning(reasoning or "", content)
         del engine
         return replies
 
@@ -219,35 +222,19 @@ class EndpointContestant(Contestant):
         max_tokens: int = 256,
         timeout: float = 60.0,
     ) -> None:
-        from turbos.rl.judge import _chat_url, _is_loopback
+        from turbos.rl.judge import ChatEndpoint
 
-        self.url = _chat_url(base_url)
-        self.model, self.api_key, self.max_tokens, self.timeout = model, api_key, max_tokens, timeout
+        self.endpoint = ChatEndpoint(base_url, model, api_key, timeout, max_tokens)
         self.name = name or model
-        host = urllib.parse.urlsplit(self.url).hostname
-        self._opener = urllib.request.build_opener(
-            *([urllib.request.ProxyHandler({})] if _is_loopback(host) else [])
-        )
 
     def _one(self, question: str) -> str:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": question}],
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
+        from turbos.rl.judge import RequestFailed
+
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                message = json.loads(response.read())["choices"][0]["message"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-            raise ConnectionError(f"contestant {self.name}: request to {self.url} failed: {err}") from None
-        content = message.get("content") or ""
-        reasoning = message.get("reasoning_content") or ""
-        return f"<think>\n{reasoning.strip()}\n</think>\n{content}" if reasoning.strip() else content
+            message = self.endpoint.message([{"role": "user", "content": question}])
+        except RequestFailed as err:
+            raise ConnectionError(f"contestant {self.name}: {err.reason}") from None
+        return with_reasoning(message.get("reasoning_content") or "", message.get("content") or "")
 
     def answer(self, questions: Sequence[str]) -> list[str]:
         return [self._one(q) for q in questions]

@@ -135,10 +135,70 @@ def _chat_url(base_url: str) -> str:
     return base + "/chat/completions"
 
 
-class _RequestFailed(Exception):
+class RequestFailed(Exception):
+    """One HTTP attempt failed: ``reason``, and whether a retry may help (``retryable``)."""
+
     def __init__(self, reason: str, retryable: bool) -> None:
         super().__init__(reason)
         self.reason, self.retryable = reason, retryable
+
+
+class ChatEndpoint:
+    """One OpenAI-compatible ``/v1/chat/completions`` endpoint over the standard library,
+    temperature 0 (proxies from the environment are skipped for loopback hosts); shared by the
+    judge and deliberation's endpoint rivals."""
+
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None, timeout: float, max_tokens: int | None
+    ) -> None:
+        self.url = _chat_url(base_url)
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        self.model, self.api_key, self.timeout, self.max_tokens = model, api_key, timeout, max_tokens
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parsed.hostname) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def message(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One HTTP attempt; the reply's first message (``content``, maybe ``reasoning_content``),
+        or RequestFailed with the reason and whether a retry may help."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = ""
+            try:
+                payload = json.loads(err.read() or b"null")
+                detail = payload["error"]["message"] if isinstance(payload, dict) else str(payload)
+            except Exception:  # noqa: BLE001 - any body is fine, the status is the reason
+                pass
+            reason = f"HTTP {err.code} from {self.url}" + (f": {detail}" if detail else "")
+            raise RequestFailed(reason, err.code in _RETRY_STATUSES) from None
+        except urllib.error.URLError as err:
+            inner = err.reason
+            if isinstance(inner, ConnectionRefusedError):
+                raise RequestFailed(f"connection refused by {self.url}", True) from None
+            if isinstance(inner, TimeoutError):
+                raise RequestFailed(f"timed out after {self.timeout}s waiting for {self.url}", True) from None
+            raise RequestFailed(f"cannot reach {self.url}: {inner}", True) from None
+        except TimeoutError:
+            raise RequestFailed(f"timed out after {self.timeout}s waiting for {self.url}", True) from None
+        except OSError as err:  # reset connections and the like
+            raise RequestFailed(f"request to {self.url} failed: {err}", True) from None
+        try:
+            message = json.loads(raw)["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            message = None
+        if not isinstance(message, dict):
+            raise RequestFailed(f"malformed response from {self.url}: {raw[:200]!r}", False)
+        return message
 
 
 class Judge:
@@ -169,56 +229,14 @@ class Judge:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.url = _chat_url(base_url)
-        parsed = urllib.parse.urlsplit(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.endpoint = ChatEndpoint(base_url, model, api_key, timeout, max_tokens)
         self.rationale, self.max_retries, self.max_workers = rationale, max_retries, max_workers
-        self.max_tokens = max_tokens
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parsed.hostname) else []
-        self._opener = urllib.request.build_opener(*handlers)
 
     def _post(self, messages: list[dict[str, str]]) -> str:
-        """One HTTP attempt; the reply's text, or _RequestFailed with the reason."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": 0}
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = ""
-            try:
-                payload = json.loads(err.read() or b"null")
-                detail = payload["error"]["message"] if isinstance(payload, dict) else str(payload)
-            except Exception:  # noqa: BLE001 - any body is fine, the status is the reason
-                pass
-            reason = f"HTTP {err.code} from {self.url}" + (f": {detail}" if detail else "")
-            raise _RequestFailed(reason, err.code in _RETRY_STATUSES) from None
-        except urllib.error.URLError as err:
-            inner = err.reason
-            if isinstance(inner, ConnectionRefusedError):
-                raise _RequestFailed(f"connection refused by {self.url}", True) from None
-            if isinstance(inner, TimeoutError):
-                raise _RequestFailed(
-                    f"timed out after {self.timeout}s waiting for {self.url}", True
-                ) from None
-            raise _RequestFailed(f"cannot reach {self.url}: {inner}", True) from None
-        except TimeoutError:
-            raise _RequestFailed(f"timed out after {self.timeout}s waiting for {self.url}", True) from None
-        except OSError as err:  # reset connections and the like
-            raise _RequestFailed(f"request to {self.url} failed: {err}", True) from None
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _RequestFailed(f"malformed response from {self.url}: {raw[:200]!r}", False) from None
+        """One HTTP attempt; the reply's text, or RequestFailed with the reason."""
+        content = self.endpoint.message(messages).get("content")
         if not isinstance(content, str):
-            raise _RequestFailed(f"response from {self.url} has no text content", False)
+            raise RequestFailed(f"response from {self.endpoint.url} has no text content", False)
         return content
 
     def _round(self, question: str, candidate: str, reference: str, position: Literal["A", "B"]) -> Round:
@@ -233,7 +251,7 @@ class Judge:
                 record.reply = self._post(messages)
                 record.error = None
                 break
-            except _RequestFailed as err:
+            except RequestFailed as err:
                 record.error = err.reason
                 if not err.retryable or attempt == self.max_retries:
                     return record
