@@ -169,7 +169,7 @@ def test_an_interrupted_sft_line_resumes_with_auto_in_place_of_resume_and_overwr
     def interrupted(_args) -> int:
         raise Interrupted(signal.SIGINT, "at step 3/8", "saved checkpoint out/step-3", Path("out/step-3"))
 
-    monkeypatch.setattr(cli, "_cmd_sft", interrupted)
+    monkeypatch.setattr(cli, "_cmd_post_train", interrupted)
     assert cli.main(["sft", "--recipe", "r.yaml", "--overwrite", "--resume", "out/step-1", "lr=1e-3"]) == 130
     assert capsys.readouterr().err == (
         "interrupted at step 3/8: saved checkpoint out/step-3; "
