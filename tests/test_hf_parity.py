@@ -43,6 +43,7 @@ def mamba_pair(chunk: int = 8, bias: bool = False) -> tuple[Mamba2Mixer, Nemotro
         use_bias=bias,
         layer_norm_epsilon=1e-5,
         vocab_size=100,
+        time_step_limit=(0.0, math.inf),
     )
     ours_config = TurboSConfig(
         hidden_size=64,
@@ -55,14 +56,14 @@ def mamba_pair(chunk: int = 8, bias: bool = False) -> tuple[Mamba2Mixer, Nemotro
         mamba_conv_kernel=4,
         mamba_proj_bias=bias,
         rms_norm_eps=1e-5,
-        time_step_limit=(hf_config.time_step_min, math.inf),  # NemotronH's chunk-path clamp
+        time_step_limit=tuple(hf_config.time_step_limit),  # the dt clamp, set alike on both sides
     )
     ours, ref = Mamba2Mixer(ours_config), NemotronHMamba2Mixer(hf_config, layer_idx=0)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0, 0.3)
         ours.A_log.uniform_(-1, 2)
-        ours.dt_bias.uniform_(0.5, 1.0)  # dt well above time_step_min: the clamp never binds
+        ours.dt_bias.uniform_(0.5, 1.0)
         ours.norm.weight.uniform_(0.5, 1.5)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
     assert not missing and not unexpected
