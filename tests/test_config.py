@@ -85,7 +85,7 @@ def test_config_file_with_unknown_key_is_rejected(tmp_path) -> None:
 
 def test_560b_preset_has_the_reports_architecture() -> None:
     c = get_preset("turbos-560b")
-    assert layout_counts(c.layout) == {"A": 7, "M": 57, "F": 64}
+    assert layout_counts(c.layout) == {"A": 7, "M": 57, "F": 64, "D": 0}
     assert c.num_hidden_layers == 128
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (5120, 64, 8)
     assert (c.mamba_num_heads, c.mamba_n_groups, c.mamba_state_size, c.mamba_chunk_size) == (64, 16, 128, 128)

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from turbos.config import ConfigError
+from turbos.config import LAYER_KINDS, ConfigError
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 def _layer_summary(config) -> dict[str, int]:
     kinds = config.layer_types
-    return {"layers": len(kinds), "A": kinds.count("A"), "M": kinds.count("M"), "F": kinds.count("F")}
+    return {"layers": len(kinds), **{kind: kinds.count(kind) for kind in LAYER_KINDS}}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

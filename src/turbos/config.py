@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYER_KINDS = {"A": "attention", "M": "mamba2", "F": "ffn"}
+LAYER_KINDS = {"A": "attention", "M": "mamba2", "F": "ffn", "D": "dense_ffn"}
+ACTIVATIONS = ("swiglu", "relu2")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 class ConfigError(ValueError):
@@ -75,7 +77,7 @@ def parse_layout(layout: str) -> list[str]:
                 if bad:
                     raise ConfigError(
                         f"layout {layout!r}: unknown layer letter(s) {bad}; use A (attention), "
-                        "M (Mamba2), F (feed-forward/MoE)"
+                        "M (Mamba2), F (feed-forward/MoE), D (dense feed-forward)"
                     )
                 group = [tok]
                 pos += 1
@@ -154,6 +156,9 @@ class TurboSConfig:
     rope_alpha: float = 1.0
     """NTK-aware scaling: the rotary base becomes rope_theta * alpha^(d / (d - 2)). Report: 1 at 4K,
     50 at 32K, 1000 at 256K."""
+    use_rope: bool = True
+    """Rotary positions on q and k. False: attention without positions (NemotronH, whose Mamba2
+    layers carry the order)."""
 
     # --- Mamba2 (M) ----------------------------------------------------------------------------
     mamba_num_heads: int = 4
@@ -183,7 +188,10 @@ class TurboSConfig:
     ffn_type: str = "moe"
     """'moe' (shared + routed experts, the report's choice) or 'dense' (one SwiGLU, for ablations)."""
     intermediate_size: int = 256
-    """Width of the dense SwiGLU FFN when ffn_type='dense'."""
+    """Width of the dense FFN (F layers with ffn_type='dense', and D layers)."""
+    mlp_activation: str = "swiglu"
+    """Dense FFN: 'swiglu' (down(silu(gate(x)) * up(x))) or 'relu2' (down(relu(up(x))^2),
+    non-gated, as NemotronH)."""
     num_experts: int = 4
     """Routed ('specialized') experts per MoE layer. Report: 32."""
     num_experts_per_tok: int = 2
@@ -194,8 +202,23 @@ class TurboSConfig:
     """SwiGLU width of each routed expert. Report: 17,024."""
     shared_expert_intermediate_size: int | None = None
     """SwiGLU width of each shared expert; default expert_intermediate_size."""
+    expert_activation: str = "swiglu"
+    """Routed and shared experts: 'swiglu' (the report's) or 'relu2' (non-gated, NemotronH)."""
     norm_topk_prob: bool = True
-    """Renormalise the top-k softmax probabilities to sum to 1 (as Hunyuan does)."""
+    """Renormalise the top-k routing weights to sum to 1 (as Hunyuan does)."""
+    router_score: str = "softmax"
+    """Router scores: 'softmax' over experts (Hunyuan) or an independent 'sigmoid' per expert
+    (DeepSeek-V3, NemotronH)."""
+    router_correction_bias: bool = False
+    """A per-expert bias (``e_score_correction_bias`` buffer) added to the scores when choosing the
+    top-k only; the weights stay the raw scores (DeepSeek-V3's auxiliary-loss-free balancing; the
+    bias is loaded, not trained)."""
+    router_groups: int = 1
+    """Group-limited routing: experts form this many groups, ranked by the sum of their top two
+    (bias-corrected) scores; only the best ``router_topk_groups`` groups are eligible. 1: plain top-k."""
+    router_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    """Routing weights are multiplied by this after normalisation."""
     capacity_factor: float = 1.5
     """Training-time expert capacity = ceil(capacity_factor * tokens * top_k / num_experts).
     Overflowing tokens are recycled to experts with room (Hunyuan-Large). None of it at inference."""
@@ -245,7 +268,7 @@ class TurboSConfig:
                 )
             if self.head_dim is not None:
                 positive("head_dim")
-            if self.attn_head_dim % 2 or self.attn_head_dim < 4:
+            if self.use_rope and (self.attn_head_dim % 2 or self.attn_head_dim < 4):
                 raise ConfigError(
                     f"attention head_dim={self.attn_head_dim} must be even (RoPE) and at least 4 "
                     "(NTK alpha scales the base by alpha^(d / (d - 2)))"
@@ -273,6 +296,15 @@ class TurboSConfig:
                 )
             if not 0 < self.time_step_min <= self.time_step_max:
                 raise ConfigError("need 0 < time_step_min <= time_step_max")
+        for name, allowed in (
+            ("mlp_activation", ACTIVATIONS),
+            ("expert_activation", ACTIVATIONS),
+            ("router_score", ROUTER_SCORES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if counts["D"]:
+            positive("intermediate_size")
         if counts["F"]:
             if self.ffn_type not in ("moe", "dense"):
                 raise ConfigError(f"ffn_type must be 'moe' or 'dense', got {self.ffn_type!r}")
@@ -293,6 +325,24 @@ class TurboSConfig:
                     raise ConfigError(f"capacity_factor must be > 0, got {self.capacity_factor}")
                 if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
                     raise ConfigError("router loss coefficients must be >= 0")
+                positive("router_groups", "router_topk_groups")
+                groups, size = self.router_groups, self.num_experts // self.router_groups
+                if groups > 1 and (self.num_experts % groups or size < 2):
+                    raise ConfigError(
+                        f"router_groups={groups} must divide num_experts={self.num_experts} into groups "
+                        "of at least 2 experts (a group is ranked by its top two scores)"
+                    )
+                if self.router_topk_groups > groups:
+                    raise ConfigError(
+                        f"router_topk_groups={self.router_topk_groups} exceeds router_groups={groups}"
+                    )
+                if self.num_experts_per_tok > self.router_topk_groups * size:
+                    raise ConfigError(
+                        f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts of the "
+                        f"{self.router_topk_groups} eligible group(s) ({self.router_topk_groups * size})"
+                    )
+                if self.routed_scaling_factor <= 0:
+                    raise ConfigError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
 
     # ------------------------------------------------------------------------------- derived
     @property

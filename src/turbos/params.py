@@ -15,6 +15,10 @@ def count_parameters(config: TurboSConfig) -> dict[str, dict[str, int]]:
     c = config
     counts = c.layer_types
     n_attn, n_mamba, n_ffn = counts.count("A"), counts.count("M"), counts.count("F")
+    n_dense = counts.count("D") + (n_ffn if c.ffn_type == "dense" else 0)
+    n_moe = n_ffn if c.ffn_type == "moe" else 0
+    dense_mats = 3 if c.mlp_activation == "swiglu" else 2  # gate, up, down; or up, down
+    expert_mats = 3 if c.expert_activation == "swiglu" else 2
     H = c.hidden_size
     rows: dict[str, tuple[int, int]] = {}
 
@@ -38,16 +42,16 @@ def count_parameters(config: TurboSConfig) -> dict[str, dict[str, int]]:
     mamba = n_mamba * (in_proj + conv + 3 * nh + di + out_proj)  # dt_bias, A_log, D; gated norm
     rows["mamba2"] = (mamba, mamba)
 
-    if c.ffn_type == "dense":
-        dense = n_ffn * 3 * H * c.intermediate_size
+    if n_dense:
+        dense = n_dense * dense_mats * H * c.intermediate_size
         rows["dense_ffn"] = (dense, dense)
-    else:
-        shared = n_ffn * 3 * H * c.num_shared_experts * c.shared_intermediate_size
-        routed_one = 3 * H * c.expert_intermediate_size
-        routed = n_ffn * c.num_experts * routed_one
+    if n_moe:
+        shared = n_moe * expert_mats * H * c.num_shared_experts * c.shared_intermediate_size
+        routed_one = expert_mats * H * c.expert_intermediate_size
+        routed = n_moe * c.num_experts * routed_one
         rows["shared_experts"] = (shared, shared)
-        rows["routed_experts"] = (routed, n_ffn * c.num_experts_per_tok * routed_one)
-        router = n_ffn * H * c.num_experts
+        rows["routed_experts"] = (routed, n_moe * c.num_experts_per_tok * routed_one)
+        router = n_moe * (H + c.router_correction_bias) * c.num_experts
         rows["router"] = (router, router)
 
     norms = (len(counts) + 1) * H

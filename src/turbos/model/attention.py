@@ -18,7 +18,7 @@ from turbos.model.rope import apply_rotary
 
 
 class Attention(nn.Module):
-    """q/k/v projections -> RoPE -> QK-norm -> SDPA (GQA) -> o_proj."""
+    """q/k/v projections -> RoPE (unless ``use_rope`` is off) -> QK-norm -> SDPA (GQA) -> o_proj."""
 
     def __init__(self, config: TurboSConfig) -> None:
         super().__init__()
@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.use_rope = config.use_rope
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -42,14 +43,15 @@ class Attention(nn.Module):
         (b, T, head_dim); attn_mask, None for plain causal attention, else bool
         (b, 1, T, T_past + T), True = attend (padding and documents folded in). ``cache`` gets the
         new keys and values appended."""
-        if ctx.rotary is None:
+        if self.use_rope and ctx.rotary is None:
             raise ValueError("attention needs the rotary tables: ctx.rotary = (cos, sin)")
         b, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = ctx.rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.use_rope:
+            cos, sin = ctx.rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         if cache is not None:

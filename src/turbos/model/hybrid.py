@@ -18,18 +18,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from turbos.config import DamagedFileError, TurboSConfig
+from turbos.config import TurboSConfig
 from turbos.model.attention import Attention
 from turbos.model.cache import AttentionCache, HybridCache, MambaCache
 from turbos.model.context import LayerContext, build_attention_mask, check_seq_idx, packed_position_ids
 from turbos.model.mamba2 import Mamba2Mixer
-from turbos.model.moe import MoE, MoEStats, RoutedExperts, SwiGLU
+from turbos.model.moe import MoE, MoEStats, ReLU2MLP, RoutedExperts, SwiGLU, feed_forward
 from turbos.model.norm import RMSNorm
 from turbos.model.rope import RotaryEmbedding
+from turbos.safetensors_io import INDEX, load_state_dict, save_state_dict, weight_files
 
 IGNORE_INDEX = -100
 
@@ -50,10 +49,10 @@ class CausalLMOutput:
 
 
 class TurboSLayer(nn.Module):
-    """One pre-norm residual layer of kind 'A', 'M' or 'F': h + mixer(norm(h)).
+    """One pre-norm residual layer of kind 'A', 'M', 'F' or 'D': h + mixer(norm(h)).
 
-    Every mixer is called as ``mixer(x, ctx, cache)``; the feed-forward ones (MoE, dense SwiGLU)
-    through ``feed_forward``, which records the MoE router loss and stats in ``ctx``.
+    Every mixer is called as ``mixer(x, ctx, cache)``; the feed-forward ones (MoE, dense SwiGLU or
+    ReLU^2) through ``feed_forward``, which records the MoE router loss and stats in ``ctx``.
     """
 
     def __init__(self, kind: str, config: TurboSConfig, layer_idx: int) -> None:
@@ -65,10 +64,10 @@ class TurboSLayer(nn.Module):
             self.mixer: nn.Module = Attention(config)
         elif kind == "M":
             self.mixer = Mamba2Mixer(config)
-        elif config.ffn_type == "moe":
+        elif kind == "F" and config.ffn_type == "moe":
             self.mixer = MoE(config)
         else:
-            self.mixer = SwiGLU(config.hidden_size, config.intermediate_size)
+            self.mixer = feed_forward(config.hidden_size, config.intermediate_size, config.mlp_activation)
 
     def forward(
         self,
@@ -78,11 +77,11 @@ class TurboSLayer(nn.Module):
     ) -> torch.Tensor:
         """hidden_states (b, T, hidden) -> (b, T, hidden). ``cache``: this layer's decoding state
         (None for feed-forward layers), updated in place."""
-        mix = self.feed_forward if self.kind == "F" else self.mixer
+        mix = self.feed_forward if self.kind in "FD" else self.mixer
         return hidden_states + mix(self.norm(hidden_states), ctx, cache)
 
     def feed_forward(self, x: torch.Tensor, ctx: LayerContext, cache: None = None) -> torch.Tensor:
-        """The MoE or dense SwiGLU under the mixer interface: x (b, T, hidden) -> (b, T, hidden)."""
+        """The MoE or dense feed-forward under the mixer interface: x (b, T, hidden) -> (b, T, hidden)."""
         if not isinstance(self.mixer, MoE):
             return self.mixer(x)
         out, loss, stats = self.mixer(x, ctx.token_mask, ctx.router_losses)
@@ -100,9 +99,9 @@ class TurboSModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TurboSLayer(kind, config, i) for i, kind in enumerate(config.layer_types))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = (  # None in a layout without attention layers
+        self.rotary_emb = (  # None without attention layers, or without RoPE
             RotaryEmbedding(config.attn_head_dim, config.rope_theta, config.rope_alpha)
-            if "A" in config.layer_types
+            if "A" in config.layer_types and config.use_rope
             else None
         )
 
@@ -243,14 +242,14 @@ class TurboSForCausalLM(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Embedding):
             module.weight.normal_(0, std)
-        elif isinstance(module, (Attention, Mamba2Mixer, SwiGLU)):
+        elif isinstance(module, (Attention, Mamba2Mixer, SwiGLU, ReLU2MLP)):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
                     child.weight.normal_(0, out_std if name in ("o_proj", "out_proj", "down_proj") else std)
                     if child.bias is not None:
                         child.bias.zero_()
         elif isinstance(module, RoutedExperts):
-            module.gate_up_proj.normal_(0, std)
+            getattr(module, module.in_proj_name).normal_(0, std)
             module.down_proj.normal_(0, out_std)
         elif isinstance(module, nn.Linear) and module.weight is not self.model.embed_tokens.weight:
             module.weight.normal_(0, std)
@@ -309,19 +308,18 @@ class TurboSForCausalLM(nn.Module):
         return out
 
     # ----------------------------------------------------------------------------------- files
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json + model.safetensors, each written to a temporary name and renamed."""
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """config.json + model.safetensors (or shards of at most ``max_shard_size`` with their
+        index, as Hugging Face writes them), each written to a temporary name and renamed."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = dict(self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        tmp = directory / "model.safetensors.tmp"
-        save_file(
-            state, str(tmp), metadata={"format": "pt", "turbos_config": json.dumps(self.config.to_dict())}
+        save_state_dict(
+            state, directory, max_shard_size, metadata={"turbos_config": json.dumps(self.config.to_dict())}
         )
-        os.replace(tmp, directory / "model.safetensors")
 
     @classmethod
     def from_pretrained(
@@ -332,14 +330,10 @@ class TurboSForCausalLM(nn.Module):
     ) -> TurboSForCausalLM:
         directory = Path(directory)
         config = TurboSConfig.from_pretrained(directory)
-        weights = directory / "model.safetensors"
-        if not weights.exists():
-            raise FileNotFoundError(f"no model.safetensors in {directory}")
+        files = weight_files(directory)
+        weights = files[0] if len(files) == 1 else directory / INDEX  # what errors name
         model = cls(config)
-        try:
-            state = load_file(str(weights), device=str(device))
-        except SafetensorError as err:
-            raise DamagedFileError(weights, err) from None
+        state = load_state_dict(directory, device)
         strict_keys = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
         missing, unexpected = strict_keys - set(state), set(state) - set(model.state_dict())
         if missing or unexpected:

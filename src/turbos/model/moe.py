@@ -49,12 +49,33 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nn.Module):
-    """Linear scores per expert; computed in fp32 for stable softmax and top-k, autocast or not."""
+class ReLU2MLP(nn.Module):
+    """down(relu(up(x))^2): NemotronH's non-gated feed-forward, dense or as an expert."""
 
-    def __init__(self, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+def feed_forward(hidden_size: int, intermediate_size: int, activation: str) -> SwiGLU | ReLU2MLP:
+    """The dense feed-forward of ``activation`` ('swiglu' or 'relu2')."""
+    return (SwiGLU if activation == "swiglu" else ReLU2MLP)(hidden_size, intermediate_size)
+
+
+class Router(nn.Module):
+    """Linear scores per expert; computed in fp32 for stable softmax and top-k, autocast or not.
+    With ``correction_bias`` it holds DeepSeek-V3's per-expert choice bias (loaded, not trained)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, correction_bias: bool = False) -> None:
         super().__init__()
         self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.e_score_correction_bias = (
+            nn.Buffer(torch.zeros(num_experts, dtype=torch.float32)) if correction_bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # autocast would run F.linear in bf16
@@ -95,30 +116,43 @@ def _grouped_kernel_runs(x: torch.Tensor, dtype: torch.dtype, intermediate_size:
 
 
 class RoutedExperts(nn.Module):
-    """num_experts SwiGLU experts stored as stacked weights (E, 2I, H) and (E, H, I).
+    """num_experts experts stored as stacked weights: SwiGLU ones as ``gate_up_proj`` (E, 2I, H)
+    and ``down_proj`` (E, H, I); non-gated ReLU^2 ones (``activation='relu2'``) as ``up_proj``
+    (E, I, H) and ``down_proj``.
 
     ``forward(x_sorted, tokens_per_expert)`` is the raw expert computation without dispatch or
     combine (as torchtitan's GroupedExperts): rows arrive grouped by expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "swiglu"
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.gated = activation == "swiglu"
+        self.in_proj_name = "gate_up_proj" if self.gated else "up_proj"
+        width = 2 * intermediate_size if self.gated else intermediate_size
+        self.register_parameter(self.in_proj_name, nn.Parameter(torch.empty(num_experts, width, hidden_size)))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation on the input projection's output: silu(gate) * up, or relu(h)^2."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.relu(h).square()
+
     def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        """x @ W.T for one expert's ``gate_up_proj`` or ``down_proj`` (quantized subclasses
+        """x @ W.T for one expert's input projection or ``down_proj`` (quantized subclasses
         override this)."""
         return F.linear(x, getattr(self, name)[expert])
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's SwiGLU on rows x."""
-        gate, up = self.project(x, "gate_up_proj", e).chunk(2, dim=-1)
-        return self.project(F.silu(gate) * up, "down_proj", e)
+        """Expert e on rows x."""
+        return self.project(self.activate(self.project(x, self.in_proj_name, e)), "down_proj", e)
 
     def stacked(self, name: str, idx: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
-        """The ``gate_up_proj`` or ``down_proj`` matrices of experts ``idx`` ((n,) indices, or a
+        """The input-projection or ``down_proj`` matrices of experts ``idx`` ((n,) indices, or a
         slice): (n, out, in) (quantized subclasses override this)."""
         return getattr(self, name)[idx].to(dtype)
 
@@ -138,9 +172,9 @@ class RoutedExperts(nn.Module):
         # The kernel leaves rows past the last offset unwritten (and their gradient too): padding
         # rows go to the last expert instead, finite and weighted 0 by combine.
         offsets[-1] = x.shape[0]
-        gate_up, down = (self.stacked(name, slice(None), dtype).mT for name in ("gate_up_proj", "down_proj"))
-        gate, up = torch._grouped_mm(x.to(dtype), gate_up, offs=offsets).chunk(2, dim=-1)
-        out = torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)
+        w_in, down = (self.stacked(name, slice(None), dtype).mT for name in (self.in_proj_name, "down_proj"))
+        h = self.activate(torch._grouped_mm(x.to(dtype), w_in, offs=offsets))
+        out = torch._grouped_mm(h, down, offs=offsets)
         return out.to(x.dtype)
 
     def looped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -161,8 +195,8 @@ class RoutedExperts(nn.Module):
         N, k = expert_idx.shape
         idx = expert_idx.reshape(-1).clamp(min=0)
         xs = x.repeat_interleave(k, dim=0)[:, None]  # (N k, 1, H)
-        gate, up = torch.bmm(xs, self.stacked("gate_up_proj", idx, x.dtype).mT).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.stacked("down_proj", idx, x.dtype).mT)  # (N k, 1, H)
+        h = self.activate(torch.bmm(xs, self.stacked(self.in_proj_name, idx, x.dtype).mT))
+        out = torch.bmm(h, self.stacked("down_proj", idx, x.dtype).mT)  # (N k, 1, H)
         w = (weights * (expert_idx >= 0)).to(out.dtype)
         return (out.view(N, k, -1) * w[..., None]).sum(1)
 
@@ -336,21 +370,31 @@ def _at_least_one(n: int | torch.Tensor) -> int | torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Shared expert(s) + softmax top-k routed experts, with load-balancing and z losses."""
+    """Shared expert(s) + top-k routed experts, with load-balancing and z losses.
+
+    Routing is softmax top-k by default (Hunyuan); ``router_score='sigmoid'`` with a correction
+    bias, expert groups and a scaling factor gives DeepSeek-V3 / NemotronH routing."""
 
     def __init__(self, config: TurboSConfig) -> None:
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.sigmoid = config.router_score == "sigmoid"
+        self.groups, self.topk_groups = config.router_groups, config.router_topk_groups
+        self.scaling = config.routed_scaling_factor
         self.capacity_factor = config.capacity_factor
         self.aux_loss_coef = config.router_aux_loss_coef
         self.z_loss_coef = config.router_z_loss_coef
-        self.gate = Router(config.hidden_size, config.num_experts)
-        self.experts = RoutedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
-        # k shared SwiGLU experts summed equal one SwiGLU k times as wide.
+        self.gate = Router(config.hidden_size, config.num_experts, config.router_correction_bias)
+        self.experts = RoutedExperts(
+            config.num_experts, config.hidden_size, config.expert_intermediate_size, config.expert_activation
+        )
+        # k shared experts summed equal one expert k times as wide.
         shared = config.num_shared_experts * config.shared_intermediate_size
-        self.shared_mlp = SwiGLU(config.hidden_size, shared) if shared else None
+        self.shared_mlp = (
+            feed_forward(config.hidden_size, shared, config.expert_activation) if shared else None
+        )
 
     def capacity(self, num_tokens: int | torch.Tensor) -> int | torch.Tensor:
         """ceil(capacity_factor * num_tokens * top_k / num_experts). A count on the device (padded
@@ -365,15 +409,36 @@ class MoE(nn.Module):
         self, x: torch.Tensor, valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits and probabilities (N, E) fp32, top-k weights (N, k) and experts (N, k),
-        the experts -1 on padding (valid False)."""
+        the experts -1 on padding (valid False). Sigmoid scores enter the load-balancing loss
+        normalised to sum to 1 per token (as DeepSeek-V3's)."""
         logits = self.gate(x)
-        probs = logits.softmax(-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        if not self.sigmoid:
+            probs = logits.softmax(-1)
+            top_w, top_i = probs.topk(self.top_k, dim=-1)
+        else:
+            scores = logits.sigmoid()
+            top_i = self.choose(scores)
+            top_w = scores.gather(1, top_i)
+            probs = scores / scores.sum(-1, keepdim=True)
         if self.norm_topk_prob:
-            top_w = top_w / top_w.sum(-1, keepdim=True)
+            top_w = top_w / (top_w.sum(-1, keepdim=True) + (1e-20 if self.sigmoid else 0.0))
+        if self.scaling != 1.0:
+            top_w = top_w * self.scaling
         if valid is not None:
             top_i = top_i.masked_fill(~valid[:, None], -1)
         return logits, probs, top_w, top_i
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k experts (N, k) by scores (N, E) plus the correction bias, among the experts of the
+        ``topk_groups`` groups whose top two biased scores sum highest."""
+        bias = self.gate.e_score_correction_bias
+        choice = scores if bias is None else scores + bias
+        if self.groups > 1:
+            grouped = choice.view(choice.shape[0], self.groups, -1)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], -math.inf).view_as(choice)
+        return choice.topk(self.top_k, dim=-1).indices
 
     def router_loss(
         self,

@@ -69,12 +69,13 @@ class Int8Linear(nn.Module):
 
 
 class Int8RoutedExperts(RoutedExperts):
-    """Routed experts with int8 stacked weights (E, 2I, H) and (E, H, I), one scale per row."""
+    """Routed experts with int8 stacked weights, one scale per row."""
 
     def __init__(self, experts: RoutedExperts) -> None:
         nn.Module.__init__(self)
         self.num_experts, self.intermediate_size = experts.num_experts, experts.intermediate_size
-        for name in ("gate_up_proj", "down_proj"):
+        self.gated, self.in_proj_name = experts.gated, experts.in_proj_name
+        for name in (experts.in_proj_name, "down_proj"):
             qweight, scale = quantize_rows(getattr(experts, name))
             self.register_buffer(f"{name}_q", qweight)
             self.register_buffer(f"{name}_scale", scale)

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from turbos.config import TurboSConfig
 from turbos.model import TurboSForCausalLM
+from turbos.safetensors_io import load_state_dict
 from turbos.train.metrics import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"
@@ -331,7 +331,7 @@ def load_checkpoint(
     if saved != current:
         differences = sorted(key for key in saved if saved[key] != current.get(key))
         raise ValueError(f"checkpoint {directory} has a different model config: {differences}")
-    state = load_file(str(directory / "model.safetensors"))
+    state = load_state_dict(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [
         key for key in missing if not (key == "lm_head.weight" and model.config.tie_word_embeddings)
