@@ -207,3 +207,20 @@ def test_converted_model_trains_a_step_and_serves(tmp_path) -> None:
             model="converted", messages=[{"role": "user", "content": "What is 2 + 1?"}], max_tokens=5
         )
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+
+
+def test_convert_command_both_ways_and_a_clear_error(tmp_path, capsys) -> None:
+    from turbos.cli import main
+
+    ref = hf_model("dense-mha")
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "t")]) == 0
+    assert "layout 'MDMAD'" in capsys.readouterr().out
+    args = ["convert", "--to-hf", str(tmp_path / "t"), "--out", str(tmp_path / "back")]
+    assert main([*args, "--model-type", "nemotron_h", "--max-shard-size", "20KB"]) == 0
+    assert (tmp_path / "back" / "model.safetensors.index.json").exists()  # sharded
+    again = NemotronHForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in ref.state_dict().items())
+
+    assert main(["convert", "--from-hf", str(tmp_path / "t"), "--out", str(tmp_path / "x")]) == 2
+    assert "model_type 'turbos' has no converter" in capsys.readouterr().err

@@ -297,6 +297,23 @@ def _cmd_reward_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from turbos.interop.convert import convert_from_hf, convert_to_hf
+
+    if args.from_hf:
+        model = convert_from_hf(args.from_hf, args.out, args.max_shard_size)
+        print(
+            f"{args.from_hf} -> {args.out}: layout {model.config.layout!r}, "
+            f"{model.num_parameters() / 1e6:.1f}M parameters"
+        )
+        return 0
+    if args.model_type is None:
+        raise ConfigError("--to-hf needs --model-type (nemotron_h or hunyuan_v1_moe)")
+    convert_to_hf(args.to_hf, args.out, args.model_type, args.max_shard_size)
+    print(f"{args.to_hf} -> {args.out} ({args.model_type})")
+    return 0
+
+
 def _cmd_sandbox_run(args: argparse.Namespace) -> int:
     from turbos.rl.sandbox import Limits, Sandbox, SandboxUnavailable
 
@@ -723,6 +740,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_eval_ppl)
+
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face checkpoint (nemotron_h, hunyuan_v1_moe) to or from turbos"
+    )
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR", help="a Hugging Face model directory to read")
+    direction.add_argument(
+        "--to-hf", metavar="DIR", help="a turbos model directory to write out as --model-type"
+    )
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--model-type", choices=["nemotron_h", "hunyuan_v1_moe"], help="with --to-hf: the target")
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file (e.g. 5GB, 500MB)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("sandbox", help="run untrusted code in the isolated code sandbox (report section 3.4)")
     box = p.add_subparsers(dest="sandbox_command", required=True)
