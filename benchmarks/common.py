@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from turbos.config import TurboSConfig
+from turbos.model import TurboSForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,6 +62,28 @@ def nemotron_h_like(config: TurboSConfig):
     )
     hf._attn_implementation = "sdpa"
     return NemotronHForCausalLM(hf).eval()
+
+
+def identical_pair(config: TurboSConfig):
+    """(turbos model, transformers NemotronH) holding the same weights: a NemotronH of ``config``'s
+    dimensions (``nemotron_h_like``) with its Mamba2 and router parameters drawn as a trained
+    model's might be, converted into turbos by ``turbos.interop.nemotron_h`` (so ours has
+    NemotronH's ReLU^2 experts, sigmoid routing and attention without RoPE). Both in eval mode."""
+    from turbos.interop import nemotron_h
+
+    theirs = nemotron_h_like(config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith("A_log"):
+                p.uniform_(0, 2)
+            elif name.endswith("dt_bias"):
+                p.uniform_(-4, -2)
+            elif "norm" not in name and p.dim() > 1:
+                p.normal_(0, config.initializer_range)
+    ours_config = nemotron_h.config_from_hf(theirs.config.to_dict())
+    ours = TurboSForCausalLM(ours_config)
+    ours.load_state_dict(nemotron_h.state_from_hf(theirs.state_dict(), ours_config))
+    return ours.eval(), theirs
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -105,9 +105,9 @@ def token_weights(model: TurboSForCausalLM) -> list[torch.Tensor]:
         elif isinstance(module, Int8Linear):
             weights.append(module.qweight)
         elif isinstance(module, Int8RoutedExperts):
-            weights += [*module.gate_up_proj_q[:k], *module.down_proj_q[:k]]
+            weights += [*getattr(module, f"{module.in_proj_name}_q")[:k], *module.down_proj_q[:k]]
         elif isinstance(module, RoutedExperts):
-            weights += [*module.gate_up_proj[:k], *module.down_proj[:k]]
+            weights += [*getattr(module, module.in_proj_name)[:k], *module.down_proj[:k]]
     return weights
 
 
