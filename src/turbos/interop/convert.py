@@ -88,14 +88,7 @@ def model_from_hf(directory: str | os.PathLike) -> TurboSForCausalLM:
     config = conv.config_from_hf(hf)
     state = conv.state_from_hf(load_state_dict(directory), config)
     model = TurboSForCausalLM(config)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing, unexpected = expected - set(state), set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory}: converted weights do not match the config: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.load_weights(state, f"{directory}: converted weights do not match the config")
     return model.eval()
 
 

@@ -334,21 +334,24 @@ class TurboSForCausalLM(nn.Module):
         weights = files[0] if len(files) == 1 else directory / INDEX  # what errors name
         model = cls(config)
         state = load_state_dict(directory, device)
-        strict_keys = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-        missing, unexpected = strict_keys - set(state), set(state) - set(model.state_dict())
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not match config.json: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-        expected = model.state_dict()
-        wrong = [name for name, tensor in state.items() if tensor.shape != expected[name].shape]
-        if wrong:
-            name = sorted(wrong)[0]
-            raise ValueError(
-                f"{weights} does not match config.json: {len(wrong)} tensor(s) of another shape, e.g. "
-                f"{name} is {tuple(state[name].shape)}, the config needs {tuple(expected[name].shape)}"
-            )
-        model.load_state_dict(state, strict=False)
+        model.load_weights(state, f"{weights} does not match config.json")
         model.to(device=device, dtype=dtype)
         return model.eval()
+
+    def load_weights(self, state: dict[str, torch.Tensor], mismatch: str) -> None:
+        """Load a full state dict (``lm_head.weight`` may be absent when tied) after checking its
+        names and shapes; a mismatch raises ValueError starting with ``mismatch``."""
+        expected = self.state_dict()
+        needed = set(expected) - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        missing, unexpected = needed - set(state), set(state) - set(expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{mismatch}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        wrong = sorted(name for name, tensor in state.items() if tensor.shape != expected[name].shape)
+        if wrong:
+            raise ValueError(
+                f"{mismatch}: {len(wrong)} tensor(s) of another shape, e.g. {wrong[0]} is "
+                f"{tuple(state[wrong[0]].shape)}, the config needs {tuple(expected[wrong[0]].shape)}"
+            )
+        self.load_state_dict(state, strict=False)
