@@ -21,6 +21,30 @@ from pathlib import Path
 from typing import Any
 
 LAYER_KINDS = {"A": "attention", "M": "mamba2", "F": "ffn", "D": "dense_ffn"}
+
+HF_BOOKKEEPING_KEYS = frozenset(
+    {
+        # written by every transformers save_pretrained (5.x; torch_dtype and _name_or_path by 4.x)
+        "architectures",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        # written when set: remote-code classes, the cache switch, PretrainedConfig's common fields
+        "auto_map",
+        "use_cache",
+        "output_hidden_states",
+        "return_dict",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+    }
+)
+"""Keys a config.json written by transformers' ``save_pretrained`` adds to a turbos config;
+``TurboSConfig.from_dict`` ignores them (and only them, besides its own fields)."""
+
 ACTIVATIONS = ("swiglu", "relu2")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
@@ -385,8 +409,9 @@ class TurboSConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TurboSConfig:
-        data = dict(data)
-        data.pop("model_type", None)
+        """A validated config from a dict of its fields; ``model_type`` and the Hugging Face
+        bookkeeping keys (``HF_BOOKKEEPING_KEYS``) are ignored, any other unknown key refused."""
+        data = {k: v for k, v in data.items() if k != "model_type" and k not in HF_BOOKKEEPING_KEYS}
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

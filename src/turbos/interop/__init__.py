@@ -6,4 +6,7 @@ directories.
   ``model_type``; ``turbos convert`` calls them.
 - ``nemotron_h``: NVIDIA NemotronH (Mamba2 / attention / MLP or MoE layers: the A/M/F idea).
 - ``hunyuan``: Tencent HunYuan-MoE v1 (TurboS's attention and MoE).
+- ``auto``: transformers' ``AutoConfig`` / ``AutoModelForCausalLM`` for turbos directories
+  (registered lazily by ``import turbos``), ``generate`` and ``pipeline`` on our hybrid cache,
+  and ``save_hf`` for a complete Hugging Face directory.
 """
