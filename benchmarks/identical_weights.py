@@ -5,7 +5,9 @@ In one process, alternating the two models:
 - prefill (one forward filling the cache, last logits) at 512 / 2K / 8K / 32K tokens, batch 1;
 - decode at batch 1 and 16, fp32 and bf16: our engine vs ``generate()``, and at batch 1 the
   weight-streaming floor measured in the same run (``decode.weight_floor_s``);
-- one training step (forward with labels + backward + AdamW), fp32, train mode.
+- one training step (forward with labels + backward + AdamW), fp32, train mode;
+- then profiles (torch.profiler, top operators by self CPU time) of both models in a 2K prefill
+  and a training step: where the time goes.
 
 First it checks that the two give the same logits (fp32, <= 1e-4), so the timings compare the
 same computation.
@@ -127,6 +129,42 @@ def train_step(ours, theirs, args: argparse.Namespace) -> dict:
     return row
 
 
+def top_ops(fn, rows: int = 12) -> list[dict]:
+    """Where fn's time goes: the operators with the most self CPU time in one run (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
+
+
+def profiles(ours, theirs, args: argparse.Namespace) -> dict:
+    """Top operators of each model in a prefill of --profile-len tokens and in a training step."""
+    ids = torch.randint(3, ours.config.vocab_size, (1, args.profile_len))
+    out = {}
+    with torch.no_grad():
+        for name, model in (("turbos", ours), ("nemotron_h", theirs)):
+            model.eval()
+            out[f"prefill_{name}"] = top_ops(partial(model, ids, use_cache=True, logits_to_keep=1))
+    batch = torch.randint(3, ours.config.vocab_size, (args.train_batch, args.train_len))
+    for name, model in (("turbos", ours), ("nemotron_h", theirs)):
+        model.train()
+        step = make_step(model, batch)
+        step()  # optimizer state first
+        out[f"train_step_{name}"] = top_ops(step)
+    for key, rows in out.items():
+        print(f"{key}: " + ", ".join(f"{r['op']} {100 * r['share']:.0f}%" for r in rows[:6]), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -138,6 +176,7 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile-len", type=int, default=2048, help="prefill length of the profiles")
     args = parser.parse_args()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -155,6 +194,7 @@ def main() -> None:
     pre = prefill(ours, theirs, args.lengths, args.repeats, ours.config.vocab_size)
     dec = decode(ours, theirs, tokenizer, args)
     train = train_step(ours, theirs, args)
+    profile = profiles(ours, theirs, args)
 
     first, last = pre[0], pre[-1]
     growth = (last["turbos_s"] / last["tokens"]) / (first["turbos_s"] / first["tokens"])
@@ -178,6 +218,7 @@ def main() -> None:
         "train_step": {"batch": args.train_batch, "seq_len": args.train_len, **train},
         "targets": TARGETS,
         "met": met,
+        "profiles": profile,
         "wall_s": time.perf_counter() - started,
     }
     path = write_json("identical_weights.json", payload)

@@ -136,3 +136,29 @@ def test_decode_state_is_updated_in_place_and_survives_a_mode_change() -> None:
     with torch.no_grad():
         last = model(ids[:, 7:8], past_key_values=cache).logits[:, -1]
     assert (last - whole).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
+def test_a_lower_precision_state_is_rounded_after_every_update(state_dtype: str) -> None:
+    """mamba_state_dtype (the precision study): the cached SSM state holds values of that dtype
+    after prefill and after each decode step, and the logits move off fp32's; fp32 keeps them."""
+    torch.manual_seed(0)
+    exact = TurboSForCausalLM(small_config()).eval()
+    rounded = TurboSForCausalLM(small_config(mamba_state_dtype=state_dtype)).eval()
+    rounded.load_state_dict(exact.state_dict())
+    dtype = getattr(torch, state_dtype)
+    ids = torch.randint(0, 97, (2, 20))
+    states = {}
+    with torch.no_grad():
+        for name, model in (("exact", exact), ("rounded", rounded)):
+            cache = HybridCache(model.config, 2)
+            logits = [model(ids[:, :12], past_key_values=cache).logits[:, -1]]
+            for t in range(12, 20):
+                logits.append(model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1])
+            mamba = [layer for layer in cache.layers if hasattr(layer, "ssm_state")]
+            states[name] = (torch.stack(logits), [m.ssm_state for m in mamba])
+    for state in states["rounded"][1]:
+        assert state.dtype == torch.float32 and torch.equal(state, state.to(dtype).float())
+    assert not all(torch.equal(s, s.to(dtype).float()) for s in states["exact"][1])
+    diff = (states["rounded"][0] - states["exact"][0]).abs().max().item()
+    assert 0 < diff < 0.05, diff

@@ -46,6 +46,7 @@ HF_BOOKKEEPING_KEYS = frozenset(
 ``TurboSConfig.from_dict`` ignores them (and only them, besides its own fields)."""
 
 ACTIVATIONS = ("swiglu", "relu2")
+STATE_DTYPES = ("float32", "bfloat16", "float16")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 
@@ -207,6 +208,10 @@ class TurboSConfig:
     time_step_floor: float = 1e-4
     time_step_limit: tuple[float, float] = (0.0, math.inf)
     """dt = softplus(dt_raw + dt_bias) is clamped to this range, in prefill and decode alike."""
+    mamba_state_dtype: str = "float32"
+    """Precision the cached SSM state keeps between steps. 'float32' (the report's choice, §5);
+    'bfloat16' and 'float16' are for the precision study only: the state is rounded to that dtype
+    after every update (what storing it in that dtype does), while the scan computes in fp32."""
 
     # --- feed-forward (F) ----------------------------------------------------------------------
     ffn_type: str = "moe"
@@ -324,6 +329,7 @@ class TurboSConfig:
             ("mlp_activation", ACTIVATIONS),
             ("expert_activation", ACTIVATIONS),
             ("router_score", ROUTER_SCORES),
+            ("mamba_state_dtype", STATE_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

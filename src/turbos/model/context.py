@@ -10,7 +10,7 @@ alone. ``seq_idx_from_lengths`` builds ``seq_idx`` from document lengths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,10 @@ class LayerContext:
     new_document: torch.Tensor | None = None
     """(b,) bool: rows whose first new token starts a document other than the one their cached
     state belongs to (Mamba2 drops that state); None when every row continues its cache."""
+    ssd_scan: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    """What Mamba2 layers run in place of ``turbos.kernels.ssd_scan`` over a whole sequence (same
+    arguments and results), e.g. context parallelism's scan, which adds the state carried in from
+    other ranks; None: ``ssd_scan``."""
     router_losses: bool = False
     """Whether MoE layers compute their load-balancing / z losses and routing stats."""
     router_loss: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -35,6 +35,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = config.mamba_conv_dim
         self.conv_kernel = config.mamba_conv_kernel
         self.time_step_limit = tuple(config.time_step_limit)
+        self.state_dtype = getattr(torch, config.mamba_state_dtype)
         self.time_step_init = (config.time_step_min, config.time_step_max, config.time_step_floor)
 
         self.in_proj = nn.Linear(
@@ -127,8 +128,15 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             initial = None if cache is None else cache.ssm_state
-            y, state = ssd_scan(x, dt, A, B, C, self.D, initial, seq_idx, self.chunk_size)
+            scan = ssd_scan if ctx is None or ctx.ssd_scan is None else ctx.ssd_scan
+            y, state = scan(x, dt, A, B, C, self.D, initial, seq_idx, self.chunk_size)
             if cache is not None:
                 cache.ssm_state = state
+        if cache is not None and self.state_dtype != torch.float32:  # the precision study only
+            rounded = cache.ssm_state.to(self.state_dtype)
+            if T == 1 and not torch.is_grad_enabled():
+                cache.ssm_state.copy_(rounded)  # the decode step's state is updated in place
+            else:
+                cache.ssm_state = rounded.float()
         y = self.norm(y.reshape(b, T, self.d_inner), z)  # fp32 in, fp32 out
         return self.out_proj(y.to(dtype))
