@@ -36,6 +36,55 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from turbos.distributed.planner import GIB, Layout, PlanError, format_plans, plan, suggest
+    from turbos.presets import get_preset
+
+    config = get_preset(args.preset)
+    options = dict(seq_len=args.seq_len, micro_batch=args.micro_batch, tokens_per_step=args.tokens_per_step)
+    given = {k: getattr(args, k) for k in ("dp", "ep", "cp", "tp", "pp") if getattr(args, k) is not None}
+    if given:
+        rest = Layout(**{k: v for k, v in given.items() if k != "dp"}).gpus
+        if "dp" not in given and args.gpus % rest:
+            raise PlanError(f"--gpus {args.gpus} is not a multiple of ep*cp*tp*pp = {rest}")
+        layout = Layout(**{"dp": args.gpus // rest, **given})
+        if layout.gpus != args.gpus:
+            raise PlanError(f"dp*ep*cp*tp*pp = {layout.gpus} does not match --gpus {args.gpus}")
+        ac = args.activation_checkpointing
+        checkpointing = (False, True) if ac is None else (ac,)
+        candidates = [
+            plan(config, layout, gpu_memory_gib=args.gpu_memory, activation_checkpointing=ac, **options)
+            for ac in checkpointing
+        ]
+        fitting = [p for p in candidates if p.fits]
+        plans = [min(fitting, key=lambda p: p.cost_seconds)] if fitting else candidates
+    else:
+        fitting, nearest = suggest(
+            config,
+            args.gpus,
+            args.gpu_memory,
+            top=args.top,
+            activation_checkpointing=args.activation_checkpointing,
+            **options,
+        )
+        plans = fitting or nearest
+    if args.json:
+        out = {"preset": args.preset, "gpus": args.gpus, "plans": [p.to_dict() for p in plans]}
+        print(json.dumps(out, indent=2))
+    else:
+        print(
+            f"preset {args.preset} on {args.gpus} x {args.gpu_memory:g} GiB: seq_len {args.seq_len}, "
+            f"micro-batch {args.micro_batch}, {args.tokens_per_step} tokens per step "
+            f"(memory of the busiest GPU, 10% margin; bf16 weights/grads, fp32 master + AdamW moments)"
+        )
+        print(format_plans(plans))
+    if not any(p.fits for p in plans):
+        need = min(p.total_memory for p in plans) / GIB
+        print(f"no layout fits: the smallest needs {need:.1f} GiB per GPU", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _layer_summary(config) -> dict[str, int]:
     kinds = config.layer_types
     return {"layers": len(kinds), **{kind: kinds.count(kind) for kind in LAYER_KINDS}}
@@ -223,12 +272,21 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from turbos.device import resolve_device
+    from turbos.distributed.parallel import close_distributed, init_distributed, is_main
     from turbos.train.recipe import load_recipe
     from turbos.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    summary = trainer.train(stop_at=args.stop_at)
+    init_distributed(resolve_device(recipe.device))  # under torchrun; nothing for one process
+    try:
+        trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        summary = trainer.train(stop_at=args.stop_at)
+        main = is_main()
+    finally:
+        close_distributed()
+    if not main:  # rank 0 reports
+        return 0
     val = summary["val_loss"]
     print(
         f"trained {summary['steps']}/{summary['total_steps']} steps, {summary['tokens']:,} tokens in "
@@ -565,6 +623,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="turbos-560b")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("plan", help="per-GPU memory and communication of parallel layouts (DP/EP/CP/TP/PP)")
+    p.add_argument("--preset", default="turbos-560b")
+    p.add_argument("--gpus", type=_int_at_least(1), required=True)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--seq-len", type=_int_at_least(1), default=4096)
+    p.add_argument("--micro-batch", type=_int_at_least(1), default=1, help="sequences per micro-batch")
+    p.add_argument(
+        "--tokens-per-step", type=_int_at_least(1), default=2048 * 4096, help="global batch (560B recipe's)"
+    )
+    for degree in ("dp", "ep", "cp", "tp", "pp"):
+        p.add_argument(f"--{degree}", type=_int_at_least(1), help=f"fix the {degree.upper()} degree")
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="per-layer checkpointing on or off (default: try both)",
+    )
+    p.add_argument("--top", type=_int_at_least(1), default=5, help="layouts to show")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="the TurboS pipeline in miniature on built-in data")
     p.add_argument("--out", default="runs/demo", help="output folder (stages are reused on a re-run)")

@@ -9,6 +9,9 @@ Layout of ``RUN_DIR/checkpoints/step-00000100/``:
     trainer_state.json                   step, tokens seen, data position, recipe (and the kind's own:
                                          pre-training's stage and last validation loss, ...)
 
+A run on several ranks writes ``dcp/`` (sharded model and optimizer) in place of optimizer.pt
+(``turbos.distributed.checkpoint``), with the same other files.
+
 Everything is written into a hidden temporary directory (``.tmp-step-...``), flushed to disk,
 and renamed into place, so a kill during a save leaves the previous checkpoint untouched and
 ``latest_checkpoint`` (which reads only ``step-N`` names) never picks a partial one.
@@ -252,9 +255,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def write_checkpoint_files(
@@ -267,11 +271,18 @@ def write_checkpoint_files(
 ) -> None:
     """Write every file of a checkpoint into ``directory``; the trainer state goes last."""
     model.save_pretrained(directory)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    write_run_files(directory, trainer_state, tokenizer_dir, rng)
+
+
+def write_run_files(
+    directory: Path, trainer_state: dict[str, Any], tokenizer_dir: Path | None, rng: dict[str, Any]
+) -> None:
+    """A checkpoint's files besides the model and optimizer: tokenizer, RNGs, then the trainer state."""
     if tokenizer_dir is not None:
         for path in sorted(Path(tokenizer_dir).iterdir()):
             if path.is_file():
                 shutil.copy2(path, directory / path.name)
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     torch.save(rng, directory / "rng.pt")
     (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
 
@@ -289,17 +300,30 @@ def save_checkpoint(
     """Atomically write the checkpoint of ``step``; then keep only the newest ``keep_last`` (0: all),
     never deleting the one just written. ``rng``: the generator states to record (``rng_state()``,
     default: the current ones)."""
+    tmp = begin_checkpoint(run_dir, step)
+    write_checkpoint_files(
+        tmp, model, optimizer, trainer_state, tokenizer_dir, rng if rng is not None else rng_state()
+    )
+    return publish_checkpoint(tmp, keep_last)
+
+
+def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step`` (stale ones are removed)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
         shutil.rmtree(stale)
-    final = root / f"step-{step:08d}"
-    tmp = root / f"{_TMP_PREFIX}{final.name}"
+    tmp = root / f"{_TMP_PREFIX}step-{step:08d}"
     tmp.mkdir()
-    write_checkpoint_files(
-        tmp, model, optimizer, trainer_state, tokenizer_dir, rng if rng is not None else rng_state()
-    )
+    return tmp
+
+
+def publish_checkpoint(tmp: Path, keep_last: int = 0) -> Path:
+    """Flush a written temporary checkpoint to disk and rename it into place; then keep only the
+    newest ``keep_last`` (0: all), never deleting this one. Returns its final path."""
     _fsync_tree(tmp)
+    root, final = tmp.parent, tmp.parent / tmp.name.removeprefix(_TMP_PREFIX)
+    run_dir = root.parent
     if final.exists():  # the same step saved again: swap, never leaving the step without a copy
         old = root / f"{_TMP_PREFIX}old-{final.name}"
         os.replace(final, old)
@@ -327,10 +351,7 @@ def load_checkpoint(
     included), so a checkpoint never loads into a different network.
     """
     directory = Path(directory)
-    saved, current = TurboSConfig.from_pretrained(directory).to_dict(), model.config.to_dict()
-    if saved != current:
-        differences = sorted(key for key in saved if saved[key] != current.get(key))
-        raise ValueError(f"checkpoint {directory} has a different model config: {differences}")
+    check_model_config(directory, model)
     state = load_state_dict(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [
@@ -341,3 +362,11 @@ def load_checkpoint(
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
     return read_trainer_state(directory)
+
+
+def check_model_config(directory: Path, model: TurboSForCausalLM) -> None:
+    """ValueError naming the fields in which the checkpoint's model config differs from the model's."""
+    saved, current = TurboSConfig.from_pretrained(directory).to_dict(), model.config.to_dict()
+    if saved != current:
+        differences = sorted(key for key in saved if saved[key] != current.get(key))
+        raise ValueError(f"checkpoint {directory} has a different model config: {differences}")

@@ -42,11 +42,20 @@ class PackedBatch:
 
 class BatchStream:
     """Batches of ``batch_size`` rows from a streaming dataset (an iterator, endless when the
-    dataset repeats), with the dataset's resumable position."""
+    dataset repeats), with the dataset's resumable position.
 
-    def __init__(self, dataset: StreamingPackedDataset, batch_size: int) -> None:
+    Data parallel: of each ``ranks x batch_size`` rows, rank ``rank`` takes the ``rank``-th
+    ``batch_size``; every rank walks the whole stream, so the position (rows read) is the same on
+    all of them and means the same on any number of ranks."""
+
+    def __init__(
+        self, dataset: StreamingPackedDataset, batch_size: int, rank: int = 0, ranks: int = 1
+    ) -> None:
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank {rank} is not one of {ranks} ranks")
         self.dataset = dataset
         self.batch_size = batch_size
+        self.rank, self.ranks = rank, ranks
         self._rows: Any = None  # opened at the first batch, after any saved position is loaded
 
     def __iter__(self) -> BatchStream:
@@ -55,10 +64,11 @@ class BatchStream:
     def __next__(self) -> PackedBatch:
         if self._rows is None:
             self._rows = iter(self.dataset)
-        batch = list(itertools.islice(self._rows, self.batch_size))
-        if len(batch) < self.batch_size:
+        rows = list(itertools.islice(self._rows, self.batch_size * self.ranks))
+        if len(rows) < self.batch_size * self.ranks:
             raise StopIteration
-        return PackedBatch(torch.stack(batch))
+        start = self.rank * self.batch_size
+        return PackedBatch(torch.stack(rows[start : start + self.batch_size]))
 
     def state_dict(self) -> dict[str, Any]:
         return self.dataset.state_dict()
@@ -105,8 +115,11 @@ def stage_corpus(recipe: Recipe, plan: StagePlan) -> Corpus:
     return Mixture((short, long), tuple(stage.short_long_ratio), seed=recipe.seed + plan.index)
 
 
-def train_batches(recipe: Recipe, plan: StagePlan, tokenizer: Tokenizer) -> BatchStream:
-    """The endless, shuffled training stream of a stage (seeded by recipe seed and stage index)."""
+def train_batches(
+    recipe: Recipe, plan: StagePlan, tokenizer: Tokenizer, rank: int = 0, ranks: int = 1
+) -> BatchStream:
+    """The endless, shuffled training stream of a stage (seeded by recipe seed and stage index),
+    as data-parallel rank ``rank`` of ``ranks`` reads it."""
     dataset = StreamingPackedDataset(
         stage_corpus(recipe, plan),
         tokenizer,
@@ -116,7 +129,7 @@ def train_batches(recipe: Recipe, plan: StagePlan, tokenizer: Tokenizer) -> Batc
         shuffle_buffer=max(1, SHUFFLE_TOKENS // plan.seq_len),
         seed=recipe.seed + plan.index,
     )
-    return BatchStream(dataset, plan.batch_size)
+    return BatchStream(dataset, plan.batch_size, rank, ranks)
 
 
 def validation_batches(

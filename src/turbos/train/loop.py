@@ -16,6 +16,11 @@ loss function; ``TrainLoop`` does the rest:
 ``parallelize(model)`` (identity by default) runs between building the model and building the
 optimizer: where FSDP, expert parallelism or compile wrap the model from outside.
 
+Under torchrun (several ranks, ``turbos.distributed``) every rank runs the loop on its own
+micro-batches: the logged metrics are averaged over the ranks and the token counts summed, the
+grad norm is the global one, only rank 0 shows progress and writes ``metrics.jsonl``, and
+checkpoints are sharded (``turbos.distributed.checkpoint``: DCP plus the whole model from rank 0).
+
 A batch source is an iterator of micro-batches (objects with ``num_tokens`` and ``to(device)``)
 with ``state_dict()`` / ``load_state_dict()``, so a resumed run draws the batch that would have
 come next. ``loss_fn(model, batch) -> (loss, metrics)``: the loss to back-propagate and named
@@ -45,9 +50,12 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from turbos.device import autocast_context
+from turbos.distributed import checkpoint as sharded  # a module: it imports train.checkpoint
+from turbos.distributed.parallel import is_main, mean_over_ranks, world_size
 from turbos.train.checkpoint import (
     checkpoint_root,
     load_checkpoint,
@@ -189,6 +197,10 @@ class TrainLoop:
         self.settings = settings
         self.run_dir = Path(settings.run_dir)
         self.device = settings.device
+        self.world = world_size()
+        """Ranks training together (1: a single process)."""
+        self.main = is_main()
+        """Whether this process logs and shows progress (rank 0)."""
         self.step = 0
         """Optimizer updates done."""
         self.tokens = 0
@@ -264,10 +276,18 @@ class TrainLoop:
             # "_loss", what was back-propagated, is checked, not logged: the metrics say what to log.
             for name, value in {"_loss": loss, **metrics}.items():  # in float64, as Python floats add
                 means[name] = means.get(name, 0) + value.detach().double() / grad_accum
+        if self.world > 1:  # the step's record is that of all ranks' micro-batches
+            means["_tokens"] = means["_loss"].new_tensor(tokens)
+            means = mean_over_ranks(means)
         clip = self.settings.grad_clip or math.inf
-        means["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
+        means["grad_norm"] = grad_norm.double()
         with deferred_interrupts():
             values = _read(means)  # the step's one wait for the device
+            if self.world > 1:
+                tokens = round(values.pop("_tokens") * self.world)
             loss = values.pop("_loss")
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -298,12 +318,12 @@ class TrainLoop:
         """Train to step ``end`` (default: the schedule's last), checkpointing as the settings say."""
         total = self.schedule.total_steps
         end = total if end is None else min(end, total)
-        if self.metrics is None:
+        if self.metrics is None and self.main:
             self.metrics = MetricsLog(self.run_dir, resume_step=self.step if self._resumed else None)
         self._bar = tqdm(
             total=total,
             initial=self.step,
-            disable=not self.settings.progress,
+            disable=not (self.settings.progress and self.main),
             unit="step",
             dynamic_ncols=True,
         )
@@ -329,14 +349,16 @@ class TrainLoop:
             self._bar = None
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append a record to metrics.jsonl (never half a line)."""
+        """Append a record to metrics.jsonl (never half a line; rank 0 only)."""
         with deferred_interrupts():
-            self.metrics.write(record)
+            if self.metrics is not None:
+                self.metrics.write(record)
             self._unlogged = None
 
     def write(self, text: str) -> None:
-        """A line of output that does not break the progress bar."""
-        tqdm.write(text)
+        """A line of output that does not break the progress bar (rank 0 only)."""
+        if self.main:
+            tqdm.write(text)
 
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -350,8 +372,9 @@ class TrainLoop:
     def save(self) -> Path:
         """Checkpoint the last completed step (atomically; a signal waits for the write)."""
         rng, state = self._completed
+        save = sharded.save_sharded_checkpoint if self.world > 1 else save_checkpoint
         with deferred_interrupts():
-            path = save_checkpoint(
+            path = save(
                 self.run_dir,
                 self.step,
                 self.model,
@@ -370,7 +393,15 @@ class TrainLoop:
         checkpoint = Path(checkpoint)
         state = read_trainer_state(checkpoint)
         self.restore(state)
-        load_checkpoint(checkpoint, self.model, self.optimizer)
+        if sharded.is_sharded_checkpoint(checkpoint):
+            sharded.load_sharded_checkpoint(checkpoint, self.model, self.optimizer)
+        elif self.world > 1:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by a single process: resume it on one process "
+                "(its next checkpoint on several ranks is sharded)"
+            )
+        else:
+            load_checkpoint(checkpoint, self.model, self.optimizer)
         self._completed = (rng_state(), state)
         self._resumed = True
         if checkpoint.parent.resolve() == checkpoint_root(self.run_dir).resolve():

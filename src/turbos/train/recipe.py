@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from turbos.config import ConfigError, TurboSConfig
+from turbos.distributed.parallel import ParallelConfig
 from turbos.presets import get_preset
 from turbos.settings import SettingsError, apply_overrides, parse_settings, read_yaml, setting
 
@@ -157,6 +158,9 @@ class Recipe:
     moe: MoESpec = field(default_factory=MoESpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How training spreads over torchrun's ranks (``turbos.distributed``); a single process
+    ignores it but for activation checkpointing."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'auto': fp32 on CPU, bf16 autocast on CUDA. 'bf16' also autocasts on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -289,6 +293,8 @@ class StagePlan:
     lr_policy: str
     lr: float
     """Constant LR, or the end value of a cosine stage."""
+    data_parallel: int = 1
+    """Ranks that each run ``grad_accum`` micro-batches of ``batch_size`` rows per step."""
 
     @property
     def end(self) -> int:
@@ -296,17 +302,18 @@ class StagePlan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum
+        return self.seq_len * self.batch_size * self.grad_accum * self.data_parallel
 
 
-def plan_stages(recipe: Recipe) -> list[StagePlan]:
-    """Resolve defaults and token budgets: a `tokens` budget becomes ceil(tokens / tokens per step)."""
+def plan_stages(recipe: Recipe, data_parallel: int = 1) -> list[StagePlan]:
+    """Resolve defaults and token budgets: a `tokens` budget becomes ceil(tokens / tokens per step),
+    a step taking ``grad_accum`` micro-batches on each of ``data_parallel`` ranks."""
     plans, start = [], 0
     for i, stage in enumerate(recipe.stages):
         seq_len = stage.seq_len or recipe.data.seq_len
         batch_size = stage.batch_size or recipe.data.batch_size
         grad_accum = stage.grad_accum or recipe.data.grad_accum
-        steps = stage.steps or math.ceil(stage.tokens / (seq_len * batch_size * grad_accum))
+        steps = stage.steps or math.ceil(stage.tokens / (seq_len * batch_size * grad_accum * data_parallel))
         default_lr = recipe.optimizer.lr if stage.lr_policy == "constant" else recipe.schedule.min_lr
         plans.append(
             StagePlan(
@@ -320,6 +327,7 @@ def plan_stages(recipe: Recipe) -> list[StagePlan]:
                 rope_alpha=stage.rope_alpha,
                 lr_policy=stage.lr_policy,
                 lr=stage.lr if stage.lr is not None else default_lr,
+                data_parallel=data_parallel,
             )
         )
         start += steps

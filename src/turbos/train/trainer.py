@@ -11,10 +11,19 @@ Resume is exact: weights, optimizer, schedule position, data position and every 
 routing draws from torch's global generator) come back from the checkpoint, so N/2 steps +
 resume + N/2 steps gives the same weights bit for bit as N steps on CPU. A checkpoint records
 the recipe (less ``RESUMABLE_CHANGES``) and refuses to resume under a different one.
+
+Under torchrun the recipe's ``parallel:`` section shards the model with FSDP2
+(``turbos.distributed``). Each data-parallel rank reads its own micro-batches: every rank walks
+the same stream and keeps its slice of each ``ranks x batch_size`` rows, so the stream's position
+is the same on every rank and does not depend on their number. A run's global batch is fixed when
+it starts (``batch_size x grad_accum x`` ranks, recorded as ``data_parallel``): resumed on another
+number of ranks, each rank runs ``grad_accum x data_parallel / ranks`` micro-batches, so the steps
+see the same rows and the loss curve goes on as if never stopped (within reduction-order rounding).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 import time
@@ -30,8 +39,17 @@ from torch import nn
 from turbos.config import TurboSConfig
 from turbos.data.packing import eos_token_id
 from turbos.device import resolve_device
+from turbos.distributed.fsdp import parallelize as fsdp_parallelize
+from turbos.distributed.parallel import (
+    ParallelDims,
+    ParallelError,
+    broadcast_object,
+    is_main,
+    rank,
+    world_size,
+)
 from turbos.model import TurboSForCausalLM
-from turbos.train.checkpoint import open_run_dir, recipe_state
+from turbos.train.checkpoint import open_run_dir, read_trainer_state, recipe_state
 from turbos.train.data import PackedBatch, prepare_tokenizer, stage_corpus, train_batches, validation_batches
 from turbos.train.evaluate import evaluate_loss, perplexity, row_loss
 from turbos.train.loop import LoopSettings, LossFn, TrainLoop
@@ -43,8 +61,8 @@ from turbos.train.schedule import LRSchedule
 RECIPE_FILE = "recipe.yaml"
 
 # Recipe sections a resumed run may change: where it writes, how often it saves and validates,
-# where it runs. Every other field shapes the batches or the updates.
-RESUMABLE_CHANGES = frozenset({"output_dir", "checkpoint", "eval", "device", "precision"})
+# where and on how many ranks it runs. Every other field shapes the batches or the updates.
+RESUMABLE_CHANGES = frozenset({"output_dir", "checkpoint", "eval", "device", "precision", "parallel"})
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +88,8 @@ class Trainer(TrainLoop):
 
     resume: a checkpoint directory, or 'auto' for the run's latest. Without it, a run directory
     that already holds checkpoints is refused unless ``overwrite`` (which deletes them).
-    parallelize: applied to the built model before the optimizer is (``TrainLoop``).
+    parallelize: applied to the built model before the optimizer is (``TrainLoop``); by default
+    the recipe's ``parallel:`` section (FSDP2 on several ranks, activation checkpointing).
     """
 
     def __init__(
@@ -84,18 +103,34 @@ class Trainer(TrainLoop):
         self.recipe = recipe
         run_dir = Path(recipe.output_dir)
         identity = recipe_state(recipe.to_dict(), RESUMABLE_CHANGES)
-        checkpoint = open_run_dir(run_dir, resume, overwrite, identity)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-
         device = resolve_device(recipe.device)
         seed_everything(recipe.seed)
-        self.plans = plan_stages(recipe)
-        if checkpoint is not None and recipe.data.tokenizer.path is None:
-            _restore_trained_tokenizer(checkpoint, run_dir / "tokenizer")
-        self.tokenizer, tokenizer_dir = prepare_tokenizer(recipe, run_dir, checkpoint is not None)
+        checkpoint = None
+        if is_main():  # the run directory's files are rank 0's; the others read them after
+            checkpoint = open_run_dir(run_dir, resume, overwrite, identity)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            if checkpoint is not None and recipe.data.tokenizer.path is None:
+                _restore_trained_tokenizer(checkpoint, run_dir / "tokenizer")
+            self.tokenizer, tokenizer_dir = prepare_tokenizer(recipe, run_dir, checkpoint is not None)
+        checkpoint = broadcast_object(checkpoint)
+        if not is_main():
+            self.tokenizer, tokenizer_dir = prepare_tokenizer(recipe, run_dir, resuming=True)
+
         self.eos_id = eos_token_id(self.tokenizer) if recipe.data.reset_at_eos else None
-        model = TurboSForCausalLM(self._model_config()).to(device).train()
+        config = self._model_config()
+        self.dims = ParallelDims.resolve(recipe.parallel, world_size(), config)
+        self.data_parallel = (
+            self.dims.data_parallel
+            if checkpoint is None
+            else read_trainer_state(checkpoint).get("data_parallel", 1)
+        )
+        """Data-parallel ranks of the run's first start, which fixed its global batch."""
+        self.plans = plan_stages(recipe, self.data_parallel)
+        self._check_global_batch()
+        if parallelize is None and (self.dims.world > 1 or recipe.parallel.activation_checkpointing):
+            parallelize = functools.partial(fsdp_parallelize, dims=self.dims, config=recipe.parallel)
+        model = TurboSForCausalLM(config).to(device).train()
         self.stage: StagePlan | None = None
         self._val_batches: dict[int, list[torch.Tensor]] = {}
         self.last_val_loss: float | None = None
@@ -120,6 +155,17 @@ class Trainer(TrainLoop):
         )
         if checkpoint is not None:
             self.last_val_loss = self.resume(checkpoint).get("val_loss")
+
+    def _check_global_batch(self) -> None:
+        """ParallelError unless every stage's micro-batches per step divide over the ranks."""
+        ranks = self.dims.data_parallel
+        for plan in self.plans:
+            if plan.grad_accum * self.data_parallel % ranks:
+                raise ParallelError(
+                    f"stage {plan.name!r} steps on {plan.grad_accum * self.data_parallel} micro-batches "
+                    f"(grad_accum {plan.grad_accum} x {self.data_parallel} ranks when the run started), "
+                    f"which {ranks} data-parallel ranks cannot share evenly"
+                )
 
     def _model_config(self) -> TurboSConfig:
         config = self.recipe.model_config()
@@ -155,11 +201,11 @@ class Trainer(TrainLoop):
         self.model.config.rope_alpha = plan.rope_alpha
         if self.model.model.rotary_emb is not None:
             self.model.model.rotary_emb.set_alpha(self.model.config.rope_theta, plan.rope_alpha)
-        self.batches = train_batches(self.recipe, plan, self.tokenizer)
+        self.batches = train_batches(self.recipe, plan, self.tokenizer, rank(), self.dims.data_parallel)
 
     # ----------------------------------------------------------------------- the loop's hooks
     def grad_accum(self) -> int:
-        return self.stage.grad_accum
+        return self.stage.grad_accum * self.data_parallel // self.dims.data_parallel
 
     def begin(self) -> None:
         if self.step == 0 and self.recipe.eval.interval:
@@ -187,7 +233,11 @@ class Trainer(TrainLoop):
         return {"stage": self.stage.name, "seq_len": self.stage.seq_len}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"stage": self.stage.index, "val_loss": self.last_val_loss}
+        return {
+            "stage": self.stage.index,
+            "val_loss": self.last_val_loss,
+            "data_parallel": self.data_parallel,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._enter_stage(self.plans[state["stage"]])  # its RoPE alpha is part of the saved config

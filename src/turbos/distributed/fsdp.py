@@ -1,0 +1,79 @@
+"""FSDP2 on a built TurboS model: ``fully_shard`` on every layer, then on the root.
+
+Each ``TurboSLayer`` is one FSDP unit (its parameters gathered for its forward and backward,
+resharded after), and the root holds the rest: embeddings, final norm and LM head, so tied
+embeddings stay one parameter. Activation checkpointing is the composable
+``torch.distributed._composable.checkpoint`` on each layer, which leaves the module tree and the
+state-dict keys unchanged (MoE layers overwrite their router entry when recomputed, see
+``LayerContext``). The model is built whole on every rank from the same seed (bitwise the
+weights of a single process) and sharded in place; the shards move to the mesh's device.
+
+FSDP2 rebuilds a dataclass argument that holds tensors needing gradients, to hook them for its
+post-backward; the ``LayerContext`` holds such tensors once an MoE layer has recorded its router
+loss, and a later MoE layer would then record into a copy the model never reads.
+``_keep_layer_context`` hands every layer the caller's context again (FSDP's hook still rides on
+the hidden states).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from turbos.distributed.parallel import ParallelConfig, ParallelDims
+from turbos.model.context import LayerContext
+
+
+def param_dtype(config: ParallelConfig, device: torch.device) -> torch.dtype:
+    """Parameters' dtype in compute: bf16 for 'bf16', and for 'auto' on CUDA; fp32 otherwise."""
+    if config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) -> nn.Module:
+    """Apply activation checkpointing (if asked) and FSDP2 over ``dims.dp_shard`` ranks to a
+    ``TurboSForCausalLM``, in place; returns it. One rank: checkpointing only."""
+    layers = model.model.layers
+    if config.activation_checkpointing:
+        for layer in layers:
+            checkpoint(layer)
+    if dims.dp_shard == 1:
+        return model
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dims.dp_shard,), mesh_dim_names=("dp_shard",))
+    dtype = param_dtype(config, device)
+    # No input casting: FSDP would rebuild the LayerContext argument, and the MoE layers would
+    # leave their router losses in the copy. Activations follow the parameters' dtype anyway.
+    policy = MixedPrecisionPolicy(
+        param_dtype=None if dtype == torch.float32 else dtype,
+        reduce_dtype=torch.float32,
+        cast_forward_inputs=False,
+    )
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for layer in layers:
+        _keep_layer_context(layer)
+    return model
+
+
+def _keep_layer_context(layer: nn.Module) -> None:
+    """Around FSDP's pre-forward hook of ``layer``: put the caller's ``LayerContext`` back in
+    place of the copy FSDP made, so MoE router losses land where the model reads them."""
+    passed: list[tuple] = []
+
+    def remember(_module: nn.Module, args: tuple) -> None:
+        passed[:] = [args]
+
+    def restore(_module: nn.Module, args: tuple) -> tuple:
+        return tuple(
+            old if isinstance(old, LayerContext) else new for old, new in zip(passed[0], args, strict=True)
+        )
+
+    layer.register_forward_pre_hook(remember, prepend=True)
+    layer.register_forward_pre_hook(restore)
