@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from conftest import small_config
+from test_train_loop import MICRO as LOOP_MICRO
 from turbos.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from turbos.distributed.fsdp import parallelize
 from turbos.distributed.parallel import (
@@ -192,38 +193,17 @@ def test_dcp_saved_on_two_ranks_loads_on_four(saved_on_two: Path) -> None:
 
 
 # -------------------------------------------------------------------------- (c) pre-training
+# test_train_loop's micro recipe: one stage of 4 steps, 2 rows a rank, capacity factor 2.0 (so that
+# recycle routing's random draws never change a result), activation checkpointing.
 MICRO = {
-    "model": {
-        "preset": "tiny",
-        "overrides": {
-            "hidden_size": 32,
-            "layout": "AMF MF",
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "mamba_num_heads": 2,
-            "mamba_head_dim": 16,
-            "mamba_n_groups": 1,
-            "mamba_state_size": 8,
-            "mamba_chunk_size": 16,
-            "expert_intermediate_size": 32,
-            "max_position_embeddings": 64,
-            "capacity_factor": 2.0,
-        },
-    },
-    "data": {
-        "sources": [{"source": "builtin:reasoning", "n": 300}],
-        "tokenizer": {"vocab_size": 300, "max_documents": 200},
-        "seq_len": 16,
-        "batch_size": 2,
-        "val_fraction": 0.1,
-    },
-    "optimizer": {"lr": 3e-3},
-    "schedule": {"warmup_steps": 1, "min_lr": 1e-4},
+    **{k: copy.deepcopy(LOOP_MICRO[k]) for k in ("model", "optimizer", "schedule")},
+    "data": {**{k: v for k, v in LOOP_MICRO["data"].items() if k != "grad_accum"}, "batch_size": 2},
     "stages": [{"name": "short", "steps": 4}],
     "eval": {"interval": 2, "batches": 1},
     "checkpoint": {"interval": 2, "keep_last": 0},
     "parallel": {"activation_checkpointing": True},
 }
+MICRO["model"]["overrides"]["capacity_factor"] = 2.0
 
 
 def _pretrain(run_dir: Path) -> None:
