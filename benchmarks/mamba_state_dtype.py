@@ -36,9 +36,12 @@ from turbos.train.plots import pyplot, save_figure  # noqa: E402
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def with_state_dtype(model: TurboSForCausalLM, dtype: str) -> TurboSForCausalLM:
-    """The same weights with the Mamba state kept in ``dtype``."""
-    other = TurboSForCausalLM(model.config.replace(mamba_state_dtype=dtype))
+def with_state_dtype(model: TurboSForCausalLM, dtype: str, max_len: int) -> TurboSForCausalLM:
+    """The same weights with the Mamba state kept in ``dtype``, allowed ``max_len`` tokens (the
+    demo's model trained on 1024 at most: past that its text is noise, but the drift between state
+    precisions is still what the report's claim is about)."""
+    limit = max(max_len, model.config.max_position_embeddings)
+    other = TurboSForCausalLM(model.config.replace(mamba_state_dtype=dtype, max_position_embeddings=limit))
     other.load_state_dict(model.state_dict())
     return other.eval()
 
@@ -137,7 +140,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = TurboSForCausalLM.from_pretrained(args.model)
     tokenizer = load_tokenizer(args.model)
-    models = {name: with_state_dtype(base, name) for name in DTYPES}
+    models = {name: with_state_dtype(base, name, args.drift_tokens + 512) for name in DTYPES}
     drift_result = drift(models, tokenizer, args)
     rows = generation(models, tokenizer, args)
     payload = {
