@@ -9,5 +9,6 @@ nothing of it).
 - ``checkpoint``: sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP,
   resharded on load to any number of ranks) plus the consolidated single-file model;
 - ``planner``: memory and communication of a parallel layout, from the config alone;
-- ``context_parallel``: sequences split over ranks (Mamba2 state passing).
+- ``context_parallel``: sequences split over ranks (Mamba2 state passing);
+- ``expert_parallel``: routed experts sharded over ranks, all-to-all between dispatch and experts.
 """
