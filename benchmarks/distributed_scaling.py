@@ -92,6 +92,7 @@ def _cp_bytes(rank: int, world: int, port: int, args: argparse.Namespace, out: d
                 cp.remove()
                 if rank == 0:
                     out[f"{mode} {T}"] = sent / len(mamba)
+        dist.barrier()  # every rank done before any tears its connections down
     finally:
         dist.destroy_process_group()
 

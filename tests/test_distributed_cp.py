@@ -153,6 +153,7 @@ def _worker(rank: int, world: int, port: int, check: Callable[[], None]) -> None
     )
     try:
         check()
+        dist.barrier()  # every rank done before any tears its connections down
     finally:
         dist.destroy_process_group()
 

@@ -158,6 +158,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     )
     try:
         _all_checks()
+        dist.barrier()  # every rank done before any tears its connections down
     finally:
         dist.destroy_process_group()
 

@@ -163,8 +163,8 @@ def test_hf_save_pretrained_loads_in_turbos_and_back_with_tied_embeddings(tmp_pa
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "turbos")
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     ids = torch.tensor([tokenizer.encode(PROMPTS[1]).ids])
-    with torch.no_grad():
-        assert torch.equal(hf(ids).logits, model(ids).logits)
+    with torch.no_grad():  # same numbers; tensors loaded elsewhere in memory may round differently
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     back = TurboSForCausalLM.from_pretrained(tmp_path / "hf")
