@@ -5,16 +5,13 @@ passing forms. Every check of one group size runs in one spawn (starting process
 from __future__ import annotations
 
 import copy
-import socket
-from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import small_config
+from dist_helpers import run_ranks
 from turbos.config import TurboSConfig
 from turbos.distributed.context_parallel import (
     MODES,
@@ -142,38 +139,12 @@ def _group_4() -> None:
         _check_parity(mode, 20)  # shards of 5 tokens
 
 
-def _worker(rank: int, world: int, port: int, check: Callable[[], None]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),  # a deadlock fails the test instead of hanging it
-    )
-    try:
-        check()
-        dist.barrier()  # every rank done before any tears its connections down
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, check: Callable[[], None]) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), check), nprocs=world, join=True)
-
-
 def test_context_parallel_on_2_ranks_matches_one_process() -> None:
-    _spawn(2, _group_2)
+    run_ranks(_group_2, 2)
 
 
 def test_context_parallel_on_4_ranks_matches_one_process() -> None:
-    _spawn(4, _group_4)
+    run_ranks(_group_4, 4)
 
 
 def test_context_parallel_refuses_what_it_does_not_support() -> None:

@@ -5,15 +5,13 @@ EP group). Every check runs in one spawn (starting processes is the cost)."""
 from __future__ import annotations
 
 import copy
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import small_config
+from dist_helpers import run_ranks
 from turbos.config import TurboSConfig
 from turbos.distributed.expert_parallel import (
     ExpertParallelExperts,
@@ -147,27 +145,5 @@ def _all_checks() -> None:
     _check_refusals()
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),  # a deadlock fails the test instead of hanging it
-    )
-    try:
-        _all_checks()
-        dist.barrier()  # every rank done before any tears its connections down
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_expert_parallel_on_2_ranks_matches_one_process() -> None:
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(_all_checks, 2)

@@ -8,19 +8,14 @@ reductions sum in another order than one process.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from conftest import small_config
+from dist_helpers import run_ranks
 from test_train_loop import MICRO as LOOP_MICRO
 from turbos.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from turbos.distributed.fsdp import parallelize
@@ -28,8 +23,6 @@ from turbos.distributed.parallel import (
     ParallelConfig,
     ParallelDims,
     ParallelError,
-    close_distributed,
-    init_distributed,
     mean_over_ranks,
     rank,
     world_size,
@@ -47,46 +40,6 @@ TOL = 1e-5
 # Capacity factor num_experts / top_k: no expert overflows, so recycle routing's random draws
 # (torch's global generator, which differs between ranks and micro-batches) change nothing.
 CONFIG = {"capacity_factor": 2.0, "tie_word_embeddings": True}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_entry(local_rank: int, fn: Callable[..., None], world: int, port: int, args: tuple) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
-    init_distributed(torch.device("cpu"))
-    try:
-        fn(*args)
-    finally:
-        close_distributed()
-
-
-def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout: float = 180) -> None:
-    """Run ``fn(*args)`` on ``world`` spawned ranks in one gloo process group; a rank's exception
-    fails the test, and so does a run past ``timeout`` seconds."""
-    ctx = mp.start_processes(
-        _rank_entry,
-        args=(fn, world, _free_port(), args),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish in {timeout} s")
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
