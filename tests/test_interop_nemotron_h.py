@@ -47,13 +47,16 @@ CONFIGS = {
     "mixed-grouped": dict(
         layers_block_type=[M, MOE, A, MLP, M, MOE], n_group=4, topk_group=2, routed_scaling_factor=2.5
     ),
-    # Nemotron-H style: Mamba2, attention and dense MLPs only; multi-head attention (GQA ratio 1)
-    "dense-mha": dict(layers_block_type=[M, MLP, M, A, MLP], num_key_value_heads=4),
-    # Nemotron-3 style MoE, GQA ratio 4, bias on the Mamba2 projections, top-3 of 8; the config
-    # asks for tied embeddings, which NemotronH's code ignores (its lm_head stays its own), as we do
+    # Nemotron-H style: Mamba2, attention and dense MLPs only; multi-head attention (GQA ratio 1),
+    # one Mamba2 group
+    "dense-mha": dict(layers_block_type=[M, MLP, M, A, MLP], num_key_value_heads=4, n_groups=1),
+    # Nemotron-3 style MoE, GQA ratio 4, 4 Mamba2 groups, bias on the Mamba2 projections, top-3 of
+    # 8; the config asks for tied embeddings, which NemotronH's code ignores (its lm_head stays its
+    # own), as we do
     "moe-gqa4": dict(
         layers_block_type=[M, MOE, A, MOE, M],
         num_key_value_heads=1,
+        n_groups=4,
         tie_word_embeddings=True,
         use_bias=True,
         num_experts_per_tok=3,
@@ -144,7 +147,7 @@ def test_legacy_config_keys_and_pattern_are_read(tmp_path) -> None:
     data["mamba_chunk_size"] = data.pop("chunk_size")
     path.write_text(json.dumps(data))
     ours = convert_from_hf(tmp_path / "hf", tmp_path / "turbos")
-    assert ours.config.layout == "MDMAD" and ours.config.mamba_n_groups == 2
+    assert ours.config.layout == "MDMAD" and ours.config.mamba_n_groups == 1
     ids = torch.randint(3, VOCAB, (1, 13))
     with torch.no_grad():
         assert (ours(ids).logits - ref(ids).logits).abs().max().item() <= TOL
