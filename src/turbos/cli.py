@@ -116,14 +116,25 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
         from turbos.rl import GRPORecipe as Recipe
         from turbos.rl import run_grpo as run
 
-    summary = run(
-        Recipe.load(args.recipe, args.overrides),
-        progress=not args.no_progress,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        stop_at=args.stop_at,
-    )
-    print(json.dumps(summary, indent=2))
+    from turbos.device import resolve_device
+    from turbos.distributed.parallel import close_distributed, init_distributed, is_main
+
+    recipe = Recipe.load(args.recipe, args.overrides)
+    if args.command == "sft":  # under torchrun; nothing for one process (GRPO: one process only)
+        init_distributed(resolve_device(recipe.device))
+    try:
+        summary = run(
+            recipe,
+            progress=not args.no_progress,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            stop_at=args.stop_at,
+        )
+        main = is_main()
+    finally:
+        close_distributed()
+    if main:  # rank 0 reports
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -19,12 +19,20 @@ conversation's dataset is drawn with probability weight / sum; a dataset left wi
 conversation (an empty file, or all longer than ``max_len``) is an error. Training runs on the
 shared loop (``turbos.train.loop``).
 
+Under torchrun (``turbos.distributed``) the recipe's ``parallel:`` section shards the model with
+FSDP2, and ``batch_size`` is the step's conversations over all data-parallel ranks: every rank
+draws the same ones (same seed) and keeps every ranks-th of them, so the stream's position means
+the same on any number of ranks. Each rank divides its summed token (or reply) losses by the
+step's total over all ranks / ranks, so the ranks' mean, which FSDP's averaged gradients follow,
+is the loss of one process on the whole step.
+
 A finished run (``OUTPUT_DIR/model`` or ``sft_summary.json``) is not started again over itself
 unless ``overwrite``; resuming it from its latest checkpoint reports it finished and changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -53,6 +61,17 @@ from turbos.data.tokenizer import (
     save_tokenizer,
 )
 from turbos.device import resolve_device
+from turbos.distributed.checkpoint import export_full_model
+from turbos.distributed.fsdp import parallelize as fsdp_parallelize
+from turbos.distributed.parallel import (
+    ParallelConfig,
+    ParallelDims,
+    ParallelError,
+    broadcast_object,
+    is_main,
+    rank,
+    world_size,
+)
 from turbos.model import TurboSForCausalLM
 from turbos.model.context import seq_idx_from_lengths
 from turbos.model.hybrid import IGNORE_INDEX
@@ -120,6 +139,9 @@ class SFTRecipe:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Under torchrun: FSDP2 over the ranks, which share each step's ``batch_size`` conversations
+    (a multiple of the data-parallel ranks)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into the run directory (e.g. which stage of a pipeline)."""
 
@@ -271,6 +293,9 @@ class ChatBatch:
     """Real tokens (padding excluded)."""
     weight: float = 1.0
     """The factor of the batch's mean loss (``batch_rows``)."""
+    denominator: float | None = None
+    """Under data parallelism, what the summed loss divides by: the step's target tokens (or
+    replies) over all ranks / ranks. None: the batch's own mean (one process)."""
 
     def to(self, device: torch.device) -> ChatBatch:
         return replace(
@@ -362,20 +387,29 @@ class ChatBatches:
     """The SFT batch source: a step's ``batch_size`` conversations drawn by ``batch_rows`` (seeded
     by the recipe) and collated, with ``recipe.packing`` packed into rows as wide as the longest of
     them. Its position is the number of batches drawn; restoring one replays the draws (cheap: no
-    tokenizing)."""
+    tokenizing). On ``ranks`` data-parallel ranks, ``rank`` keeps every ranks-th conversation of
+    the step, and its batch's ``denominator`` is the step's target tokens (or replies) / ranks."""
 
-    def __init__(self, data: EncodedData, recipe: SFTRecipe) -> None:
-        self.data, self.recipe = data, recipe
+    def __init__(self, data: EncodedData, recipe: SFTRecipe, rank: int = 0, ranks: int = 1) -> None:
+        if recipe.batch_size % ranks:
+            raise ParallelError(
+                f"sft recipe: batch_size={recipe.batch_size} conversations a step cannot be shared "
+                f"evenly by {ranks} data-parallel ranks (use a multiple of {ranks})"
+            )
+        self.data, self.recipe, self.rank, self.ranks = data, recipe, rank, ranks
+        self.per_sequence = recipe.loss_normalization == "sequence"
+        self.targets = [sum(t != IGNORE_INDEX for t in y) for y in data.labels]
+        """Per conversation, its target tokens."""
         self.probs = row_sampler(data, [d.weight for d in recipe.data])
         self._restart()
 
     def _restart(self) -> None:
-        recipe, per_sequence = self.recipe, self.recipe.loss_normalization == "sequence"
+        recipe = self.recipe
         self.drawn = 0
         self._draws = batch_rows(
             self.probs,
             [len(x) for x in self.data.ids],
-            [1 if per_sequence else sum(t != IGNORE_INDEX for t in y) for y in self.data.labels],
+            [1 if self.per_sequence else n for n in self.targets],
             recipe.batch_size,
             recipe.group_by_length,
             torch.Generator().manual_seed(recipe.seed),
@@ -384,8 +418,14 @@ class ChatBatches:
     def __next__(self) -> ChatBatch:
         rows, weight = next(self._draws)
         self.drawn += 1
+        if self.ranks > 1:
+            total = sum(min(self.targets[i], 1) if self.per_sequence else self.targets[i] for i in rows)
+            rows = rows[self.rank :: self.ranks]
         ids, labels = [self.data.ids[i] for i in rows], [self.data.labels[i] for i in rows]
-        return collate(ids, labels, max(map(len, ids)) if self.recipe.packing else None, weight)
+        batch = collate(ids, labels, max(map(len, ids)) if self.recipe.packing else None, weight)
+        if self.ranks > 1:
+            batch.denominator = total / self.ranks
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches": self.drawn}
@@ -399,22 +439,30 @@ class ChatBatches:
 
 # ----------------------------------------------------------------------------------------- train
 def sequence_mean_loss(
-    logits: torch.Tensor, targets: torch.Tensor, conversation: torch.Tensor, num_conversations: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    conversation: torch.Tensor,
+    num_conversations: int,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """Next-token loss averaged per conversation over its target tokens, then over conversations
-    that have any. logits (n, vocab) at the targets' positions; targets and conversation (n,)."""
+    that have any (or summed and divided by ``denominator``). logits (n, vocab) at the targets'
+    positions; targets and conversation (n,)."""
     losses = F.cross_entropy(logits.float(), targets, reduction="none")
     sums = losses.new_zeros(num_conversations).index_add_(0, conversation, losses)
     counts = losses.new_zeros(num_conversations).index_add_(0, conversation, torch.ones_like(losses))
     has = counts > 0
-    return torch.where(has, sums / counts.clamp(min=1), 0).sum() / has.sum()
+    return torch.where(has, sums / counts.clamp(min=1), 0).sum() / (
+        has.sum() if denominator is None else denominator
+    )
 
 
 def sft_loss_fn(per_sequence: bool) -> LossFn:
     """SFT's loss on a ``ChatBatch``: the assistant-token loss (mean over tokens, or with
-    ``per_sequence`` over conversations, ``sequence_mean_loss``) times the batch weight, plus the
-    MoE aux loss; logged with its parts and the routing counts. Logits are computed at the
-    targets' positions only (``logits_index``): the prompts' positions need none."""
+    ``per_sequence`` over conversations, ``sequence_mean_loss``; summed over the batch's
+    ``denominator`` when it has one) times the batch weight, plus the MoE aux loss; logged with its
+    parts and the routing counts. Logits are computed at the targets' positions only
+    (``logits_index``): the prompts' positions need none."""
 
     def loss_fn(model: nn.Module, batch: ChatBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         result = model(
@@ -426,10 +474,17 @@ def sft_loss_fn(per_sequence: bool) -> LossFn:
         )
         if per_sequence:
             lm_loss = sequence_mean_loss(
-                result.logits, batch.target_ids, batch.target_conversation, batch.num_conversations
+                result.logits,
+                batch.target_ids,
+                batch.target_conversation,
+                batch.num_conversations,
+                batch.denominator,
             )
-        else:
+        elif batch.denominator is None:
             lm_loss = F.cross_entropy(result.logits.float(), batch.target_ids)
+        else:
+            lm_loss = F.cross_entropy(result.logits.float(), batch.target_ids, reduction="sum")
+            lm_loss = lm_loss / batch.denominator
         metrics = {
             "loss": lm_loss.double() + result.aux_loss.double(),
             "lm_loss": lm_loss,
@@ -442,11 +497,16 @@ def sft_loss_fn(per_sequence: bool) -> LossFn:
 
 
 def export_model(model: TurboSForCausalLM, tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
-    """A servable model directory: weights, config, tokenizer files with the chat template."""
+    """A servable model directory: weights, config, tokenizer files with the chat template. On
+    several ranks every rank calls (the shards are gathered) and rank 0 writes."""
     directory = Path(directory)
-    model.save_pretrained(directory)
-    save_tokenizer(tokenizer, directory)
-    save_chat_template(directory)
+    if world_size() > 1:
+        export_full_model(model, directory)
+    else:
+        model.save_pretrained(directory)
+    if is_main():
+        save_tokenizer(tokenizer, directory)
+        save_chat_template(directory)
     return directory
 
 
@@ -490,7 +550,7 @@ def finetune_parts(
 # Recipe fields a resumed run may change: where it writes, how often it saves, where it runs.
 # Every other field shapes the batches or the updates, so a checkpoint refuses a recipe that differs.
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "checkpoint_interval", "keep_last", "device", "precision", "extra"}
+    {"output_dir", "checkpoint_interval", "keep_last", "device", "precision", "parallel", "extra"}
 )
 
 
@@ -526,21 +586,26 @@ def run_sft(
     from an earlier one (a rewind), the later checkpoints and the finished model and summary move
     to ``checkpoints/abandoned-<time>/`` (``turbos.train.checkpoint.open_run_dir``).
     ``stop_at``: stop after that step (the model is exported only when all ``steps`` are done).
-    ``parallelize``: applied to the loaded model before the optimizer is built (``TrainLoop``).
+    ``parallelize``: applied to the loaded model before the optimizer is built (``TrainLoop``);
+    by default the recipe's ``parallel:`` section (FSDP2 on several ranks, activation checkpointing).
+    Under torchrun every rank calls this; rank 0 writes the output directory's files.
     An interrupt (Ctrl-C, SIGTERM) checkpoints the last completed step (``TrainLoop.interrupted``).
     """
     if stop_at is not None and not 0 < stop_at <= recipe.steps:
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
     identity = recipe_state(asdict(recipe), RESUMABLE_CHANGES)
-    checkpoint, finished = start_run(
-        out, resume, overwrite, identity, (out / MODEL_DIR, out / SUMMARY_FILE), "SFT"
+    checkpoint, finished = broadcast_object(  # the output directory's files are rank 0's
+        start_run(out, resume, overwrite, identity, (out / MODEL_DIR, out / SUMMARY_FILE), "SFT")
+        if is_main()
+        else None
     )
     if finished is not None:
         return finished
     torch.manual_seed(recipe.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sft_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     device = resolve_device(recipe.device)
     model = TurboSForCausalLM.from_pretrained(recipe.model, device=device).train()
     if recipe.max_len > model.config.max_position_embeddings:
@@ -548,8 +613,13 @@ def run_sft(
             f"sft recipe: max_len={recipe.max_len} exceeds the max_position_embeddings="
             f"{model.config.max_position_embeddings} of the model {recipe.model}"
         )
+    dims = ParallelDims.resolve(recipe.parallel, world_size(), model.config)
+    if parallelize is None and (dims.world > 1 or recipe.parallel.activation_checkpointing):
+        parallelize = functools.partial(fsdp_parallelize, dims=dims, config=recipe.parallel)
     tokenizer = load_tokenizer(recipe.model)
-    tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")  # copied into every checkpoint
+    tokenizer_dir = out / "tokenizer"  # copied into every checkpoint (by rank 0)
+    if is_main():
+        save_tokenizer(tokenizer, tokenizer_dir)
     data = encode_datasets(recipe.data, tokenizer, recipe.max_len)
     optimizer, schedule, settings = finetune_parts(
         recipe, model, recipe.min_lr, out, identity, device, tokenizer_dir, progress, "sft"
@@ -558,7 +628,7 @@ def run_sft(
         model,
         optimizer,
         schedule,
-        ChatBatches(data, recipe),
+        ChatBatches(data, recipe, rank(), dims.data_parallel),
         sft_loss_fn(recipe.loss_normalization == "sequence"),
         settings,
         parallelize,
@@ -586,7 +656,8 @@ def run_sft(
             "wall_s": time.perf_counter() - start,
             "model_dir": str(out / MODEL_DIR),
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if is_main():
+            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     except KeyboardInterrupt as err:  # the export starts again on resume
         raise loop.interrupted(err) from None
     return summary
