@@ -25,41 +25,36 @@ warnings.filterwarnings("ignore", message=".*falling back to its reference PyTor
 
 def nemotron_h_like(config: TurboSConfig):
     """A Hugging Face NemotronH causal LM with our dimensions: same layer order (A -> attention,
-    M -> Mamba2, F -> MoE or MLP), widths, heads, groups, state, chunk and experts.
+    M -> Mamba2, F -> MoE, or a dense MLP with ffn_type 'dense'), widths, heads, groups, state,
+    chunk and experts; its config is what ``turbos.interop.nemotron_h`` writes for ``config`` with
+    NemotronH's own design choices put in.
 
-    Differences that remain are NemotronH's own design: its experts are non-gated ReLU^2 MLPs
-    (2 matrices; ours are SwiGLU, 3), sigmoid routing, and no RoPE in attention.
+    Differences that remain are that design: its experts are non-gated ReLU^2 MLPs (2 matrices;
+    ours are SwiGLU, 3), sigmoid routing, and no RoPE or QK-norm in attention.
     """
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    kinds = {
-        "A": "full_attention",
-        "M": "linear_attention",
-        "F": "moe" if config.ffn_type == "moe" else "mlp",
-    }
-    hf = NemotronHConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        layers_block_type=[kinds[k] for k in config.layer_types],
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.attn_head_dim,
-        mamba_num_heads=config.mamba_num_heads,
-        mamba_head_dim=config.mamba_head_dim,
-        n_groups=config.mamba_n_groups,
-        ssm_state_size=config.mamba_state_size,
-        chunk_size=config.mamba_chunk_size,
-        conv_kernel=config.mamba_conv_kernel,
-        intermediate_size=config.intermediate_size,
-        n_routed_experts=config.num_experts,
-        num_experts_per_tok=config.num_experts_per_tok,
-        moe_intermediate_size=config.expert_intermediate_size,
-        moe_shared_expert_intermediate_size=config.shared_intermediate_size * config.num_shared_experts,
-        n_group=1,
-        topk_group=1,
-        tie_word_embeddings=config.tie_word_embeddings,
-        max_position_embeddings=config.max_position_embeddings,
+    from turbos.interop import nemotron_h
+
+    letters = "".join(config.layer_types)
+    as_nemotron = config.replace(
+        layout=letters.replace("F", "D") if config.ffn_type == "dense" else letters,
+        ffn_type="moe",
+        use_rope=False,
+        use_qk_norm=False,
+        attention_bias=False,
+        mlp_activation="relu2",
+        expert_activation="relu2",
+        router_score="sigmoid",
+        router_correction_bias=True,
+        num_shared_experts=1,
+        shared_expert_intermediate_size=config.shared_intermediate_size * config.num_shared_experts,
+        router_groups=1,
+        router_topk_groups=1,
     )
+    hf = nemotron_h.config_to_hf(as_nemotron)
+    hf["time_step_limit"] = config.time_step_limit  # config.json's encoding of infinity is for files
+    hf = NemotronHConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "dtype")})
     hf._attn_implementation = "sdpa"
     return NemotronHForCausalLM(hf).eval()
 

@@ -17,13 +17,17 @@ the hidden states).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from turbos.distributed.parallel import ParallelConfig, ParallelDims
+from turbos.config import TurboSConfig
+from turbos.distributed.parallel import ParallelConfig, ParallelDims, world_size
 from turbos.model.context import LayerContext
 
 
@@ -32,6 +36,17 @@ def param_dtype(config: ParallelConfig, device: torch.device) -> torch.dtype:
     if config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def recipe_parallelism(
+    config: ParallelConfig, model: TurboSConfig
+) -> tuple[ParallelDims, Callable[[nn.Module], nn.Module] | None]:
+    """A recipe's ``parallel:`` section on this world: its degrees, and the ``parallelize`` hook it
+    asks of the training loop (FSDP2 on several ranks, activation checkpointing; None: nothing)."""
+    dims = ParallelDims.resolve(config, world_size(), model)
+    if dims.world > 1 or config.activation_checkpointing:
+        return dims, functools.partial(parallelize, dims=dims, config=config)
+    return dims, None
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) -> nn.Module:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import (
@@ -48,7 +47,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from turbos.config import HF_BOOKKEEPING_KEYS, ConfigError, TurboSConfig
 from turbos.data.tokenizer import END_TOKEN, save_tokenizer
 from turbos.model import HybridCache, TurboSForCausalLM
-from turbos.model.hybrid import IGNORE_INDEX
+from turbos.model.hybrid import causal_lm_loss
 from turbos.model.rope import RotaryEmbedding
 from turbos.serve.chat_template import save_chat_template
 
@@ -178,10 +177,7 @@ class TurboSHFForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
-            loss = lm_loss + aux
+            loss = causal_lm_loss(logits, labels) + aux
         out = MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux if router_losses else None,

@@ -33,6 +33,14 @@ from turbos.safetensors_io import INDEX, load_state_dict, save_state_dict, weigh
 IGNORE_INDEX = -100
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss (fp32) of logits (b, T, vocab) against labels (b, T), shifted inside;
+    IGNORE_INDEX where no loss is wanted."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 @dataclass
 class CausalLMOutput:
     """What ``TurboSForCausalLM.forward`` returns."""
@@ -301,9 +309,7 @@ class TurboSForCausalLM(nn.Module):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need logits for every position; do not combine with logits_to_keep")
-            out.lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            out.lm_loss = causal_lm_loss(logits, labels)
             out.loss = out.lm_loss + aux
         return out
 

@@ -32,7 +32,6 @@ unless ``overwrite``; resuming it from its latest checkpoint reports it finished
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -62,10 +61,9 @@ from turbos.data.tokenizer import (
 )
 from turbos.device import resolve_device
 from turbos.distributed.checkpoint import export_full_model
-from turbos.distributed.fsdp import parallelize as fsdp_parallelize
+from turbos.distributed.fsdp import recipe_parallelism
 from turbos.distributed.parallel import (
     ParallelConfig,
-    ParallelDims,
     ParallelError,
     broadcast_object,
     is_main,
@@ -613,9 +611,8 @@ def run_sft(
             f"sft recipe: max_len={recipe.max_len} exceeds the max_position_embeddings="
             f"{model.config.max_position_embeddings} of the model {recipe.model}"
         )
-    dims = ParallelDims.resolve(recipe.parallel, world_size(), model.config)
-    if parallelize is None and (dims.world > 1 or recipe.parallel.activation_checkpointing):
-        parallelize = functools.partial(fsdp_parallelize, dims=dims, config=recipe.parallel)
+    dims, recipe_parallelize = recipe_parallelism(recipe.parallel, model.config)
+    parallelize = parallelize or recipe_parallelize
     tokenizer = load_tokenizer(recipe.model)
     tokenizer_dir = out / "tokenizer"  # copied into every checkpoint (by rank 0)
     if is_main():

@@ -23,7 +23,6 @@ see the same rows and the loss curve goes on as if never stopped (within reducti
 
 from __future__ import annotations
 
-import functools
 import random
 import shutil
 import time
@@ -39,14 +38,12 @@ from torch import nn
 from turbos.config import TurboSConfig
 from turbos.data.packing import eos_token_id
 from turbos.device import resolve_device
-from turbos.distributed.fsdp import parallelize as fsdp_parallelize
+from turbos.distributed.fsdp import recipe_parallelism
 from turbos.distributed.parallel import (
-    ParallelDims,
     ParallelError,
     broadcast_object,
     is_main,
     rank,
-    world_size,
 )
 from turbos.model import TurboSForCausalLM
 from turbos.train.checkpoint import open_run_dir, read_trainer_state, recipe_state
@@ -119,7 +116,7 @@ class Trainer(TrainLoop):
 
         self.eos_id = eos_token_id(self.tokenizer) if recipe.data.reset_at_eos else None
         config = self._model_config()
-        self.dims = ParallelDims.resolve(recipe.parallel, world_size(), config)
+        self.dims, recipe_parallelize = recipe_parallelism(recipe.parallel, config)
         self.data_parallel = (
             self.dims.data_parallel
             if checkpoint is None
@@ -128,8 +125,7 @@ class Trainer(TrainLoop):
         """Data-parallel ranks of the run's first start, which fixed its global batch."""
         self.plans = plan_stages(recipe, self.data_parallel)
         self._check_global_batch()
-        if parallelize is None and (self.dims.world > 1 or recipe.parallel.activation_checkpointing):
-            parallelize = functools.partial(fsdp_parallelize, dims=self.dims, config=recipe.parallel)
+        parallelize = parallelize or recipe_parallelize
         model = TurboSForCausalLM(config).to(device).train()
         self.stage: StagePlan | None = None
         self._val_batches: dict[int, list[torch.Tensor]] = {}
