@@ -352,12 +352,7 @@ def load_checkpoint(
     """
     directory = Path(directory)
     check_model_config(directory, model)
-    state = load_state_dict(directory)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [
-        key for key in missing if not (key == "lm_head.weight" and model.config.tie_word_embeddings)
-    ]:
-        raise ValueError(f"checkpoint {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_weights(load_state_dict(directory), f"checkpoint {directory} does not match its config")
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     set_rng_state(torch.load(directory / "rng.pt", weights_only=True))
