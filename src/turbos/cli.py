@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from turbos.config import LAYER_KINDS, ConfigError
@@ -117,12 +118,12 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
         from turbos.rl import run_grpo as run
 
     from turbos.device import resolve_device
-    from turbos.distributed.parallel import close_distributed, init_distributed, is_main
+    from turbos.distributed.parallel import process_group
 
     recipe = Recipe.load(args.recipe, args.overrides)
-    if args.command == "sft":  # under torchrun; nothing for one process (GRPO: one process only)
-        init_distributed(resolve_device(recipe.device))
-    try:
+    # SFT runs under torchrun too; GRPO in one process only
+    group = process_group(resolve_device(recipe.device)) if args.command == "sft" else nullcontext(True)
+    with group as main:
         summary = run(
             recipe,
             progress=not args.no_progress,
@@ -130,9 +131,6 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             stop_at=args.stop_at,
         )
-        main = is_main()
-    finally:
-        close_distributed()
     if main:  # rank 0 reports
         print(json.dumps(summary, indent=2))
     return 0
@@ -284,18 +282,14 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from turbos.device import resolve_device
-    from turbos.distributed.parallel import close_distributed, init_distributed, is_main
+    from turbos.distributed.parallel import process_group
     from turbos.train.recipe import load_recipe
     from turbos.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    init_distributed(resolve_device(recipe.device))  # under torchrun; nothing for one process
-    try:
+    with process_group(resolve_device(recipe.device)) as main:  # under torchrun; one process: none
         trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         summary = trainer.train(stop_at=args.stop_at)
-        main = is_main()
-    finally:
-        close_distributed()
     if not main:  # rank 0 reports
         return 0
     val = summary["val_loss"]

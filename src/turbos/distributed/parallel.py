@@ -13,6 +13,8 @@ here then acts as the only rank.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,6 +105,17 @@ def init_distributed(device: torch.device) -> int:
     else:
         dist.init_process_group("gloo")
     return world
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """torchrun's process group for the duration (``init_distributed``; nothing for one process);
+    yields whether this process is rank 0, the one that reports."""
+    init_distributed(device)
+    try:
+        yield is_main()
+    finally:
+        close_distributed()
 
 
 def close_distributed() -> None:
