@@ -21,7 +21,7 @@ from turbos.distributed.expert_parallel import (
     full_state_dict,
 )
 from turbos.model import TurboSForCausalLM
-from turbos.model.moe import MoE
+from turbos.model.moe import MoE, apply_experts
 
 TOLERANCE = 1e-5
 BATCH, T = 4, 24
@@ -111,8 +111,9 @@ def _check_adamw_steps(steps: int = 3) -> None:
 
 @torch.no_grad()
 def _check_inference() -> None:
-    """(c) Eval forwards of decode-size batches, a different size on each rank (one token takes
-    the ``single`` path), and the ``gathered`` / ``dense`` paths, match the single process."""
+    """(c) Eval forwards of decode-size batches, a different size on each rank (one token would
+    take the ``single`` path without EP), and ``apply_experts`` on small no-grad batches, match
+    the single process's ``gathered`` / ``dense`` paths."""
     ref, model = _models()
     ref.eval(), model.eval()
     rank = dist.get_rank()
@@ -126,8 +127,8 @@ def _check_inference() -> None:
         strict=True,
     ):
         _, _, weights, idx = ref_moe.route(x, None)
+        got = apply_experts(moe.experts, x, idx, weights)
         for path in ("gathered", "dense"):
-            got = getattr(moe.experts, path)(x, idx, weights)
             diff = (got - getattr(ref_moe.experts, path)(x, idx, weights)).abs().max().item()
             assert diff <= TOLERANCE, f"rank={rank} {path}: differs by {diff}"
 

@@ -15,8 +15,9 @@ parameters; the other experts' weights are dropped) and replaces ``moe.experts``
 
 The row exchanges are autograd functions (backward is the reverse all-to-all), so gradients are
 exact: a local expert's gradient holds the contributions of every rank's tokens. The small-batch
-no-grad paths (``gathered``, ``dense``, ``single``) go through the same exchange, so every rank
-takes part in each layer's collectives whatever its batch size. Parameter names are unchanged
+no-grad paths (``gathered``, ``dense``, ``single``) are not taken (``holds_all_experts``): every
+batch goes through the exchange, so every rank takes part in each layer's collectives whatever
+its batch size. Parameter names are unchanged
 (``experts.gate_up_proj`` now holds this rank's slice); ``full_state_dict`` gathers the slices.
 
 The ranks of the group are data parallel (each reads its own batch, as in torchtitan): routing,
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Function
 
-from turbos.model.moe import MoE, MoEStats, RoutedExperts, combine, dispatch
+from turbos.model.moe import MoE, MoEStats, RoutedExperts
 
 
 def _all_to_all(
@@ -70,10 +71,13 @@ class _AllToAll(Function):
 
 
 class ExpertParallelExperts(RoutedExperts):
-    """This rank's share of a layer's routed experts, exchanging rows with the other ranks.
+    """This rank's share of a layer's routed experts, exchanging rows with the other ranks (so
+    ``apply_experts`` always takes dispatch -> experts -> combine: ``holds_all_experts`` False).
 
     ``num_experts`` stays the global count (what ``dispatch`` sorts by); the parameters hold the
     ``num_local_experts`` experts from ``first_expert`` on."""
+
+    holds_all_experts = False
 
     def __init__(self, experts: RoutedExperts, group: dist.ProcessGroup | None) -> None:
         if type(experts) is not RoutedExperts:
@@ -117,24 +121,6 @@ class ExpertParallelExperts(RoutedExperts):
         out = super().forward(received.index_select(0, order), recv_counts.sum(0))
         out = _AllToAll.apply(out.index_select(0, torch.argsort(order)), send, recv, self.group)
         return torch.cat([out, x.new_zeros(x.shape[0] - routed, x.shape[1])])
-
-    def _exchanged(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``apply_experts`` through dispatch, the exchange (``forward``) and combine."""
-        routing = dispatch(expert_idx, self.num_experts)
-        out = self(x.index_select(0, routing.token), routing.tokens_per_expert)
-        return combine(out, routing, weights, x.shape[0])
-
-    def gathered(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The decode path, through the exchange (the other ranks hold most experts)."""
-        return self._exchanged(x, expert_idx, weights)
-
-    def dense(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The decode path, through the exchange (the other ranks hold most experts)."""
-        return self._exchanged(x, expert_idx, weights)
-
-    def single(self, x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The one-token path, through the exchange (the other ranks hold most experts)."""
-        return self._exchanged(x, expert_idx, weights)
 
 
 def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:

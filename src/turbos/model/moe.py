@@ -123,6 +123,11 @@ class RoutedExperts(nn.Module):
     ``forward(x_sorted, tokens_per_expert)`` is the raw expert computation without dispatch or
     combine (as torchtitan's GroupedExperts): rows arrive grouped by expert."""
 
+    holds_all_experts = True
+    """Whether every expert's weights are here, so ``apply_experts`` may take the small-batch
+    paths (``gathered``, ``dense``, ``single``); False where the experts are spread over ranks
+    (expert parallelism), whose exchange sits in ``forward``."""
+
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "swiglu"
     ) -> None:
@@ -269,7 +274,7 @@ def apply_experts(
     """Routed experts' output (N, H) for tokens x (N, H) routed to expert_idx (N, k), -1 for no
     expert, with routing weights (N, k): dispatch -> experts -> combine, or a decode path."""
     N, k = expert_idx.shape
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and experts.holds_all_experts:
         if x.is_cuda and N <= SYNC_FREE_MAX_TOKENS:  # decode on a GPU: CUDA graphs can capture these
             if N * k < experts.num_experts:
                 return experts.gathered(x, expert_idx, weights)
