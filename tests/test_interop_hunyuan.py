@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve_helpers import greedy_alone
+from interop_helpers import check_trains_and_serves
+from serve_helpers import greedy_alone, tiny_tokenizer
 from turbos.config import TurboSConfig
 from turbos.interop import convert
 from turbos.interop.convert import UnsupportedCheckpointError, convert_from_hf, convert_to_hf
@@ -202,3 +203,12 @@ def test_turbos_options_hunyuan_cannot_express_are_refused(change: dict, option:
     config = TurboSConfig(**{"hidden_size": 64, "layout": "AF AF", "num_attention_heads": 4, **change})
     with pytest.raises(UnsupportedCheckpointError, match=option):
         convert.adapter("hunyuan_v1_moe").config_to_hf(config)
+
+
+def test_converted_model_trains_a_step_and_serves(tmp_path: Path) -> None:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = HunYuanMoEV1Config(
+        **{**BASE, **CASES["gqa4-bias-alpha50"], "vocab_size": tokenizer.get_vocab_size()}
+    )
+    check_trains_and_serves(HunYuanMoEV1ForCausalLM(config), tokenizer, tmp_path)

@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
-from serve_helpers import running_server, tiny_tokenizer
-from turbos.data.tokenizer import save_tokenizer
+from interop_helpers import check_trains_and_serves
+from serve_helpers import tiny_tokenizer
 from turbos.interop.convert import UnsupportedCheckpointError, convert_from_hf, convert_to_hf
 from turbos.model import TurboSForCausalLM
-from turbos.post.sft import SFTRecipe, run_sft
-from turbos.serve import LLMEngine
-from turbos.serve.chat_template import save_chat_template
 
 transformers = pytest.importorskip("transformers")
 from transformers import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
@@ -174,42 +170,10 @@ def test_a_native_turbos_model_is_refused_by_name_for_nemotron_h(tmp_path) -> No
 
 
 def test_converted_model_trains_a_step_and_serves(tmp_path) -> None:
-    """A converted checkpoint goes through our SFT and `turbos serve` like a native model (with
-    our tokenizer: the test checkpoint has none of its own)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    ref = NemotronHForCausalLM(
-        NemotronHConfig(**{**BASE, **CONFIGS["mixed-grouped"], "vocab_size": tokenizer.get_vocab_size()})
-    )
-    ref.save_pretrained(tmp_path / "hf")
-    save_tokenizer(tokenizer, tmp_path / "hf")
-    save_chat_template(tmp_path / "hf")
-    convert_from_hf(tmp_path / "hf", tmp_path / "turbos")
-
-    chats = tmp_path / "chats.jsonl"
-    chat = [{"role": "user", "content": "What is 2 + 1?"}, {"role": "assistant", "content": "Answer: 3"}]
-    chats.write_text(json.dumps({"messages": chat}) + "\n")
-    recipe = SFTRecipe(
-        model=str(tmp_path / "turbos"),
-        data=[{"path": str(chats)}],
-        output_dir=str(tmp_path / "sft"),
-        max_len=64,
-        steps=1,
-        batch_size=2,
-        warmup_steps=0,
-    )
-    summary = run_sft(recipe, progress=False)
-    before = TurboSForCausalLM.from_pretrained(tmp_path / "turbos").state_dict()
-    after = TurboSForCausalLM.from_pretrained(summary["model_dir"]).state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "one SFT step changed nothing"
-
-    engine = LLMEngine.from_pretrained(summary["model_dir"], max_running=2, seed=0)
-    with running_server(engine, "converted") as (url, _):
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(
-            model="converted", messages=[{"role": "user", "content": "What is 2 + 1?"}], max_tokens=5
-        )
-    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    config = {**BASE, **CONFIGS["mixed-grouped"], "vocab_size": tokenizer.get_vocab_size()}
+    check_trains_and_serves(NemotronHForCausalLM(NemotronHConfig(**config)), tokenizer, tmp_path)
 
 
 def test_convert_command_both_ways_and_a_clear_error(tmp_path, capsys) -> None:
