@@ -38,12 +38,6 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
-def has_weights(directory: str | os.PathLike) -> bool:
-    """Whether the directory holds weights in either layout."""
-    directory = Path(directory)
-    return (directory / SINGLE).exists() or (directory / INDEX).exists()
-
-
 def weight_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files of a directory's weights, in shard order."""
     directory = Path(directory)
