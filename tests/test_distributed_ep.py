@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from conftest import small_config
 from dist_helpers import run_ranks
@@ -51,6 +52,11 @@ def _expert_slice(model: TurboSForCausalLM, name: str) -> slice | None:
     return None
 
 
+def _local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A tensor, or this rank's part of a DTensor (an expert parameter or its gradient)."""
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
 def _models() -> tuple[TurboSForCausalLM, TurboSForCausalLM]:
     torch.manual_seed(0)
     ref = TurboSForCausalLM(_config()).train()
@@ -83,8 +89,9 @@ def _check_parity() -> None:
         rows = _expert_slice(model, name)
         if rows is not None:
             expected = expected[rows]
-            assert p.shape[0] == model.config.num_experts // dist.get_world_size(), name
-        diff = (p.grad - expected).abs().max().item()
+            assert p.to_local().shape[0] == model.config.num_experts // dist.get_world_size(), name
+            assert p.shape == ref_params[name].shape, name  # a DTensor: the global shape
+        diff = (_local_tensor(p.grad) - expected).abs().max().item()
         assert diff <= TOLERANCE, f"{where}: gradient of {name} differs by {diff}"
     stats = all_reduce_moe_stats(out.moe_stats)
     assert len(stats) == len(ref_out.moe_stats) > 0

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from conftest import small_config
 from dist_helpers import run_ranks
-from test_distributed_ep import _expert_slice
+from test_distributed_ep import _expert_slice, _local_tensor
 from turbos.distributed.context_parallel import MODES, context_parallel, context_parallel_loss, shard_sequence
 from turbos.distributed.expert_parallel import expert_parallel
 from turbos.model import TurboSForCausalLM
@@ -53,7 +53,7 @@ def _compare(model: TurboSForCausalLM, ref: TurboSForCausalLM, what: str, where:
         rows = _expert_slice(model, name)
         mine, theirs = (param.grad, reference[name].grad) if what == "grad" else (param, reference[name])
         theirs = theirs if rows is None else theirs[rows]
-        diff = (mine - theirs).abs().max().item()
+        diff = (_local_tensor(mine) - theirs).abs().max().item()
         assert diff <= TOLERANCE, f"{where}: {what} of {name} differs by {diff}"
 
 

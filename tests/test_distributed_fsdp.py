@@ -195,9 +195,13 @@ def test_pretrain_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
         ({"dp_shard": 3}, 2, "dp_shard 3 x cp 1 = 3 ranks, but the world size is 2"),
         ({"dp_shard": 0}, 2, "dp_shard must be -1 (all ranks) or >= 1"),
         ({"ep": 3}, 6, "parallel.ep=3 must divide the model's num_experts (4)"),
-        ({"ep": 2}, 2, "expert parallelism is not implemented yet"),
+        ({"ep": 2}, 3, "parallel.ep=2 does not divide the world size 3"),
         ({"cp": 3}, 4, "parallel.cp=3 does not divide the world size 4"),
-        ({"cp": 2}, 4, "context parallelism is not implemented yet"),
+        (
+            {"cp": 2, "cp_mode": "sequential", "activation_checkpointing": True},
+            4,
+            "cp_mode=sequential cannot recompute layers",
+        ),
     ],
 )
 def test_bad_degrees_are_refused_by_name(settings: dict[str, int], world: int, message: str) -> None:
@@ -207,6 +211,9 @@ def test_bad_degrees_are_refused_by_name(settings: dict[str, int], world: int, m
 
 def test_degrees_resolve_and_recipe_section_is_checked(tmp_path: Path) -> None:
     assert ParallelDims.resolve(ParallelConfig(), 4, small_config()).dp_shard == 4
+    dims = ParallelDims.resolve(ParallelConfig(ep=2, cp=2), 8, small_config())
+    assert (dims.dp_shard, dims.data_parallel, dims.ep, dims.cp) == (4, 4, 2, 2)
+    assert [(dims.data_rank(r), dims.cp_rank(r)) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     raw = {**copy.deepcopy(MICRO), "output_dir": str(tmp_path)}
     assert parse_recipe(raw).parallel.activation_checkpointing
     with pytest.raises(RecipeError, match="parallel.mixed_precision: expected one of"):

@@ -1,11 +1,15 @@
 """Expert parallelism: every MoE layer's routed experts sharded over the ranks of a group, applied
 to a built ``TurboSForCausalLM`` from outside.
 
-``expert_parallel(model, group)`` gives rank r of EP ranks the experts [r E / EP, (r + 1) E / EP)
-of every MoE layer (its slices of ``gate_up_proj`` / ``up_proj`` and ``down_proj``, as its own
-parameters; the other experts' weights are dropped) and replaces ``moe.experts`` by an
-``ExpertParallelExperts``. That module sits at the MoE's seam between dispatch and combine
-(``RoutedExperts(x_sorted, tokens_per_expert)``, rows sorted by global expert):
+``expert_parallel(model, mesh)`` gives rank r of EP ranks the experts [r E / EP, (r + 1) E / EP)
+of every MoE layer (its slices of ``gate_up_proj`` / ``up_proj`` and ``down_proj``; the other
+experts' weights are dropped) and replaces ``moe.experts`` by an ``ExpertParallelExperts``. The
+expert parameters become DTensors sharded along the expert dimension over the EP mesh
+(``Shard(0)``): their global shape and names are the unsharded model's, so distributed
+checkpoints reshard them to another EP degree, and FSDP2 can shard them further over the ranks
+that hold the same experts (``turbos.distributed.fsdp``). That module sits at the MoE's seam
+between dispatch and combine (``RoutedExperts(x_sorted, tokens_per_expert)``, rows sorted by
+global expert):
 
 1. all-to-all of the per-expert row counts, so each rank knows what it will receive;
 2. all-to-all of the rows to the ranks owning their experts (variable split sizes);
@@ -17,16 +21,15 @@ The row exchanges are autograd functions (backward is the reverse all-to-all), s
 exact: a local expert's gradient holds the contributions of every rank's tokens. The small-batch
 no-grad paths (``gathered``, ``dense``, ``single``) are not taken (``holds_all_experts``): every
 batch goes through the exchange, so every rank takes part in each layer's collectives whatever
-its batch size. Parameter names are unchanged
-(``experts.gate_up_proj`` now holds this rank's slice); ``full_state_dict`` gathers the slices.
+its batch size. ``full_state_dict`` gathers the slices into plain tensors.
 
 The ranks of the group are data parallel (each reads its own batch, as in torchtitan): routing,
 capacity and recycle routing run on each rank's own tokens before the exchange, and so do the MoE
 router losses (f_e and P_e of the load-balancing loss are this rank's); ``average_gradients``
-averages gradients over the group and ``all_reduce_moe_stats`` sums the routing counts.
+averages gradients over the group (where no FSDP2 does) and ``all_reduce_moe_stats`` sums the
+routing counts.
 Limitations: the split sizes are read on the host (one synchronisation per layer on a GPU, so no
-CUDA graph capture of decode steps); a global gradient norm must sum the expert gradients' norms
-over the group; quantized experts are not supported.
+CUDA graph capture of decode steps); quantized experts are not supported.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd import Function
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from turbos.model.moe import MoE, MoEStats, RoutedExperts
 
@@ -74,14 +79,16 @@ class ExpertParallelExperts(RoutedExperts):
     """This rank's share of a layer's routed experts, exchanging rows with the other ranks (so
     ``apply_experts`` always takes dispatch -> experts -> combine: ``holds_all_experts`` False).
 
-    ``num_experts`` stays the global count (what ``dispatch`` sorts by); the parameters hold the
-    ``num_local_experts`` experts from ``first_expert`` on."""
+    ``num_experts`` stays the global count (what ``dispatch`` sorts by); the parameters are
+    DTensors over ``mesh`` whose local parts hold the ``num_local_experts`` experts from
+    ``first_expert`` on."""
 
     holds_all_experts = False
 
-    def __init__(self, experts: RoutedExperts, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, experts: RoutedExperts, mesh: DeviceMesh) -> None:
         if type(experts) is not RoutedExperts:
             raise TypeError(f"expert parallelism shards plain RoutedExperts, not {type(experts).__name__}")
+        group = mesh.get_group()
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if experts.num_experts % world:
             raise ValueError(
@@ -99,7 +106,13 @@ class ExpertParallelExperts(RoutedExperts):
         for name in (self.in_proj_name, "down_proj"):
             full = getattr(experts, name)
             piece = full.detach()[self.first_expert : self.first_expert + local].clone()
-            setattr(self, name, nn.Parameter(piece, requires_grad=full.requires_grad))
+            sharded = DTensor.from_local(piece, mesh, [Shard(0)], run_check=False)
+            setattr(self, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+
+    def weight(self, name: str) -> torch.Tensor:
+        """This rank's experts of a parameter (differentiable: the gradient lands in the DTensor)."""
+        param = getattr(self, name)
+        return param.to_local() if isinstance(param, DTensor) else param
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """``RoutedExperts.forward`` over the group: x (M, H) sorted by global expert (padding
@@ -123,15 +136,19 @@ class ExpertParallelExperts(RoutedExperts):
         return torch.cat([out, x.new_zeros(x.shape[0] - routed, x.shape[1])])
 
 
-def expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Shard every MoE layer's routed experts of ``model`` over ``group`` (None: the default
-    group), in place (module docstring); returns the model. The group's size must divide the
-    number of experts. Build the optimizer afterwards (the expert parameters are new)."""
+def expert_parallel(model: nn.Module, mesh: DeviceMesh | dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard every MoE layer's routed experts of ``model`` over a 1-D device ``mesh`` (or a
+    process group; None: the default group), in place (module docstring); returns the model. The
+    mesh's size must divide the number of experts. Build the optimizer afterwards (the expert
+    parameters are new)."""
     layers = [module for module in model.modules() if isinstance(module, MoE)]
     if not layers:
         raise ValueError("expert parallelism needs an MoE model; this one has no MoE layers")
+    if not isinstance(mesh, DeviceMesh):
+        device = next(model.parameters()).device.type
+        mesh = DeviceMesh.from_group(mesh or dist.group.WORLD, device)
     for moe in layers:
-        moe.experts = ExpertParallelExperts(moe.experts, group)
+        moe.experts = ExpertParallelExperts(moe.experts, mesh)
     return model
 
 
@@ -169,16 +186,11 @@ def all_reduce_moe_stats(stats: list[MoEStats], group: dist.ProcessGroup | None 
     ]
 
 
-def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the unsharded model on every rank: each expert parameter all-gathered
-    from the group's slices (rank order is expert order), the rest as it is. Every rank must call
-    it; one of them writes the checkpoint."""
-    state = model.state_dict()
-    world = dist.get_world_size(group)
-    for prefix, experts in _sharded(model):
-        for name in (experts.in_proj_name, "down_proj"):
-            piece = getattr(experts, name).detach().contiguous()
-            pieces = [torch.empty_like(piece) for _ in range(world)]
-            dist.all_gather(pieces, piece, group=group)
-            state[f"{prefix}.{name}"] = torch.cat(pieces)
-    return state
+    from its EP mesh's slices, the rest as it is. Every rank must call it; one of them writes the
+    checkpoint."""
+    return {
+        name: value.full_tensor() if isinstance(value, DTensor) else value
+        for name, value in model.state_dict().items()
+    }

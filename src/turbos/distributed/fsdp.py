@@ -1,4 +1,17 @@
-"""FSDP2 on a built TurboS model: ``fully_shard`` on every layer, then on the root.
+"""A recipe's parallelism on a built TurboS model: expert parallelism, context parallelism, then
+FSDP2 (``fully_shard`` on every layer, then on the root).
+
+Expert parallelism (``turbos.distributed.expert_parallel``) makes the routed experts DTensors
+sharded over an ``ep`` mesh dimension; FSDP2 then shards them again, over the ranks holding the
+same experts (the ``ep_replica`` dimension of one ``(world / ep, ep)`` mesh: 2-D DTensors), in
+their own FSDP unit, while the rest of the layer is sharded over all ranks. Context parallelism
+(``turbos.distributed.context_parallel``) puts its hooks on the model; the training loss then
+runs on each rank's shard of the sequence.
+
+Gradients: FSDP2 averages over the ranks it reduces over. Every rank's loss is its share (its
+batch, its sequence shard), so the step's gradient is the mean over all ranks of their
+gradients. A local expert's gradient already sums the contributions of its EP group (the
+exchange's backward), so its FSDP unit divides the sum over its replicas by the world size too.
 
 Each ``TurboSLayer`` is one FSDP unit (its parameters gathered for its forward and backward,
 resharded after), and the root holds the rest: embeddings, final norm and LM head, so tied
@@ -27,7 +40,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from turbos.config import TurboSConfig
-from turbos.distributed.parallel import ParallelConfig, ParallelDims, world_size
+from turbos.distributed.context_parallel import context_parallel
+from turbos.distributed.expert_parallel import ExpertParallelExperts, expert_parallel
+from turbos.distributed.parallel import ParallelConfig, ParallelDims, ParallelError, world_size
 from turbos.model.context import LayerContext
 
 
@@ -39,27 +54,44 @@ def param_dtype(config: ParallelConfig, device: torch.device) -> torch.dtype:
 
 
 def recipe_parallelism(
-    config: ParallelConfig, model: TurboSConfig
+    config: ParallelConfig, model: TurboSConfig, kind: str = "pre-training"
 ) -> tuple[ParallelDims, Callable[[nn.Module], nn.Module] | None]:
     """A recipe's ``parallel:`` section on this world: its degrees, and the ``parallelize`` hook it
-    asks of the training loop (FSDP2 on several ranks, activation checkpointing; None: nothing)."""
+    asks of the training loop (FSDP2 on several ranks, activation checkpointing; None: nothing).
+    Context parallelism is pre-training's alone: another ``kind`` (its name for the error) is
+    refused it, since its rows are padded or packed."""
     dims = ParallelDims.resolve(config, world_size(), model)
+    if dims.cp > 1 and kind != "pre-training":
+        raise ParallelError(
+            f"parallel.cp={dims.cp}: {kind} does not split sequences over ranks (context parallelism "
+            "is for pre-training, whose rows are unpadded); use cp=1"
+        )
     if dims.world > 1 or config.activation_checkpointing:
         return dims, functools.partial(parallelize, dims=dims, config=config)
     return dims, None
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) -> nn.Module:
-    """Apply activation checkpointing (if asked) and FSDP2 over ``dims.dp_shard`` ranks to a
-    ``TurboSForCausalLM``, in place; returns it. One rank: checkpointing only."""
+    """Apply expert parallelism, context parallelism, activation checkpointing (each if asked)
+    and FSDP2 over all ranks to a ``TurboSForCausalLM``, in place (module docstring); returns it.
+    One rank: checkpointing only."""
     layers = model.model.layers
+    device = next(model.parameters()).device
+    ep_mesh = None
+    if dims.ep > 1:
+        ep_mesh = init_device_mesh(
+            device.type, (dims.world // dims.ep, dims.ep), mesh_dim_names=("ep_replica", "ep")
+        )
+        expert_parallel(model, ep_mesh["ep"])
+    if dims.cp > 1:
+        cp_mesh = init_device_mesh(device.type, (dims.dp_shard, dims.cp), mesh_dim_names=("dp", "cp"))
+        context_parallel(model, cp_mesh["cp"].get_group(), config.cp_mode)
     if config.activation_checkpointing:
         for layer in layers:
             checkpoint(layer)
-    if dims.dp_shard == 1:
+    if dims.world == 1:
         return model
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dims.dp_shard,), mesh_dim_names=("dp_shard",))
+    mesh = init_device_mesh(device.type, (dims.world,), mesh_dim_names=("fsdp",))
     dtype = param_dtype(config, device)
     # No input casting: FSDP would rebuild the LayerContext argument, and the MoE layers would
     # leave their router losses in the copy. Activations follow the parameters' dtype anyway.
@@ -70,7 +102,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) ->
     )
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+        reshard = i < len(layers) - 1
+        for experts in layer.modules():
+            if isinstance(experts, ExpertParallelExperts):
+                fully_shard(
+                    experts, mesh=ep_mesh["ep_replica"], mp_policy=policy, reshard_after_forward=reshard
+                )
+                experts.set_gradient_divide_factor(dims.world)
+                if dims.world > dims.ep:  # gloo has no PREMUL_SUM (one replica sends nothing:
+                    experts.set_force_sum_reduction_for_comms(True)  # forcing would divide twice)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for layer in layers:
         _keep_layer_context(layer)

@@ -1,9 +1,12 @@
 """Parallel degrees and the process group.
 
 A recipe's ``parallel:`` section (``ParallelConfig``) says how to spread training over the ranks
-torchrun starts; ``ParallelDims.resolve`` checks it against the world size and the model. Only
-data-parallel sharding (FSDP2 over ``dp_shard`` ranks) is implemented; expert parallelism
-(``ep``) and context parallelism (``cp``) are validated and refused by name until they land.
+torchrun starts; ``ParallelDims.resolve`` checks it against the world size and the model. The
+ranks form a ``dp_shard x cp`` grid (rank = dp index x cp + cp index): the ``cp`` ranks of a row
+share each batch, split along the sequence (context parallelism); the rows read different
+batches. FSDP2 shards parameters over all ranks. Expert parallelism groups ``ep`` consecutive
+ranks, each holding 1/ep of the routed experts; the ranks holding the same experts shard them
+further with FSDP2 (``turbos.distributed.fsdp``).
 
 ``init_distributed`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and opens the
 process group (gloo on CPU, nccl on CUDA); for a single process it does nothing, and every helper
@@ -13,13 +16,15 @@ here then acts as the only rank.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from turbos.config import ConfigError, TurboSConfig
 from turbos.settings import setting
@@ -36,9 +41,12 @@ class ParallelConfig:
     dp_shard: int = setting(-1, ge=-1)
     """Ranks that shard parameters, gradients and optimizer state (FSDP2); -1: all of them."""
     ep: int = setting(1, ge=1)
-    """Expert-parallel degree (not implemented yet: 1)."""
+    """Expert-parallel degree: consecutive ranks that split the routed experts between them; it
+    must divide the world size and the number of experts."""
     cp: int = setting(1, ge=1)
-    """Context-parallel degree (not implemented yet: 1)."""
+    """Context-parallel degree: consecutive ranks that split each sequence between them."""
+    cp_mode: Literal["parallel", "sequential"] = "parallel"
+    """How Mamba2 layers pass their state across context-parallel ranks (report §4)."""
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Parameters in compute under FSDP: 'auto' is bf16 on CUDA and fp32 on CPU; gradients are
     reduced in fp32 either way. A single process follows ``precision`` (autocast) alone."""
@@ -59,6 +67,14 @@ class ParallelDims:
     def data_parallel(self) -> int:
         """Ranks that read different batches."""
         return self.dp_shard
+
+    def data_rank(self, rank: int) -> int:
+        """Which of the ``data_parallel`` batches global ``rank`` reads."""
+        return rank // self.cp
+
+    def cp_rank(self, rank: int) -> int:
+        """Which shard of its sequences global ``rank`` runs."""
+        return rank % self.cp
 
     @classmethod
     def resolve(cls, config: ParallelConfig, world: int, model: TurboSConfig) -> ParallelDims:
@@ -82,10 +98,11 @@ class ParallelDims:
                 )
             if world % config.ep:
                 raise ParallelError(f"parallel.ep={config.ep} does not divide the world size {world}")
-            raise ParallelError(f"parallel.ep={config.ep}: expert parallelism is not implemented yet (use 1)")
-        if config.cp > 1:
+        sequential_mamba = config.cp > 1 and config.cp_mode == "sequential" and "M" in model.layer_types
+        if sequential_mamba and config.activation_checkpointing:
             raise ParallelError(
-                f"parallel.cp={config.cp}: context parallelism is not implemented yet (use 1)"
+                "parallel.cp_mode=sequential cannot recompute layers (activation_checkpointing): "
+                "the recomputation would receive the states again; use cp_mode=parallel"
             )
         return cls(world=world, dp_shard=dp_shard, ep=config.ep, cp=config.cp)
 
@@ -164,3 +181,48 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = flat[at : at + value.numel()].view(value.shape)
         at += value.numel()
     return out
+
+
+def clip_grad_norm_(parameters: Iterator[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for parameters that may be DTensors on
+    different meshes (FSDP2 over all ranks, experts over their replicas): the norm of each mesh's
+    gradients is made whole over its ranks, and the total is the same on every rank. Plain
+    tensors alone: torch's computation, bit for bit."""
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            grad = param.grad
+            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups.setdefault(key, []).append(param)
+    if not groups:
+        return torch.zeros(())
+    norms = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def share_work(
+    items: Sequence[Item], work: Callable[[list[Item]], list[Result]], rank: int = 0, ranks: int = 1
+) -> list[Result]:
+    """``work`` (one result per item) on this rank's share of ``items`` (every ranks-th, from
+    ``rank``), every rank's results all-gathered (the default process group, of ``ranks`` ranks)
+    into the order of ``items``: on every rank what ``work(items)`` gives in one process (up to
+    how ``work`` batches its items)."""
+    if ranks == 1:
+        return work(list(items))
+    share = list(items[rank::ranks])
+    parts: list[list[Result]] = [[] for _ in range(ranks)]
+    dist.all_gather_object(parts, work(share) if share else [])
+    results: list[Any] = [None] * len(items)
+    for r, part in enumerate(parts):
+        results[r::ranks] = part
+    return results

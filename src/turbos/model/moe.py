@@ -147,10 +147,15 @@ class RoutedExperts(nn.Module):
             return F.silu(gate) * up
         return F.relu(h).square()
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The stacked weights of the input projection or ``down_proj``, as computed with (the
+        expert-parallel subclass gives its local slice of a sharded parameter)."""
+        return getattr(self, name)
+
     def project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x @ W.T for one expert's input projection or ``down_proj`` (quantized subclasses
         override this)."""
-        return F.linear(x, getattr(self, name)[expert])
+        return F.linear(x, self.weight(name)[expert])
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e on rows x."""
@@ -159,7 +164,7 @@ class RoutedExperts(nn.Module):
     def stacked(self, name: str, idx: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
         """The input-projection or ``down_proj`` matrices of experts ``idx`` ((n,) indices, or a
         slice): (n, out, in) (quantized subclasses override this)."""
-        return getattr(self, name)[idx].to(dtype)
+        return self.weight(name)[idx].to(dtype)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x (M, H): the first tokens_per_expert[0] rows for expert 0, the next for expert 1, ...;

@@ -611,7 +611,7 @@ def run_sft(
             f"sft recipe: max_len={recipe.max_len} exceeds the max_position_embeddings="
             f"{model.config.max_position_embeddings} of the model {recipe.model}"
         )
-    dims, recipe_parallelize = recipe_parallelism(recipe.parallel, model.config)
+    dims, recipe_parallelize = recipe_parallelism(recipe.parallel, model.config, "SFT")
     parallelize = parallelize or recipe_parallelize
     tokenizer = load_tokenizer(recipe.model)
     tokenizer_dir = out / "tokenizer"  # copied into every checkpoint (by rank 0)

@@ -50,12 +50,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from turbos.device import autocast_context
 from turbos.distributed import checkpoint as sharded  # a module: it imports train.checkpoint
-from turbos.distributed.parallel import is_main, mean_over_ranks, world_size
+from turbos.distributed.parallel import clip_grad_norm_, is_main, mean_over_ranks, world_size
 from turbos.train.checkpoint import (
     checkpoint_root,
     load_checkpoint,
@@ -199,6 +198,9 @@ class TrainLoop:
         self.device = settings.device
         self.world = world_size()
         """Ranks training together (1: a single process)."""
+        self.data_ranks = self.world
+        """Ranks reading different batches: the step's tokens are theirs (context-parallel ranks
+        share their batches, and a kind that splits them says so)."""
         self.main = is_main()
         """Whether this process logs and shows progress (rank 0)."""
         self.step = 0
@@ -280,14 +282,12 @@ class TrainLoop:
             means["_tokens"] = means["_loss"].new_tensor(tokens)
             means = mean_over_ranks(means)
         clip = self.settings.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all shards
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.model.parameters(), clip)
         means["grad_norm"] = grad_norm.double()
         with deferred_interrupts():
             values = _read(means)  # the step's one wait for the device
             if self.world > 1:
-                tokens = round(values.pop("_tokens") * self.world)
+                tokens = round(values.pop("_tokens") * self.data_ranks)
             loss = values.pop("_loss")
             if not math.isfinite(loss):
                 raise FloatingPointError(

@@ -43,6 +43,7 @@ from turbos.distributed.parallel import (
     ParallelError,
     broadcast_object,
     is_main,
+    mean_over_ranks,
     rank,
 )
 from turbos.model import TurboSForCausalLM
@@ -68,12 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lm_loss_fn(eos_id: int | None = None) -> LossFn:
+def lm_loss_fn(eos_id: int | None = None, shard: tuple[int, int] | None = None) -> LossFn:
     """Pre-training's loss: next-token cross-entropy + the MoE aux loss on packed rows (documents
-    apart with ``eos_id``, see ``row_loss``), with its parts and the routing counts as metrics."""
+    apart with ``eos_id``; one ``shard`` of the sequence under context parallelism, see
+    ``row_loss``), with its parts and the routing counts as metrics."""
 
     def loss_fn(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = row_loss(model, batch.rows, eos_id)
+        out = row_loss(model, batch.rows, eos_id, shard)
         metrics = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
         return out.loss, {**metrics, **moe_counts(out.moe_stats)}
 
@@ -125,6 +127,8 @@ class Trainer(TrainLoop):
         """Data-parallel ranks of the run's first start, which fixed its global batch."""
         self.plans = plan_stages(recipe, self.data_parallel)
         self._check_global_batch()
+        self.shard = self._sequence_shard(config)
+        """(index, count) of this rank's piece of every sequence under context parallelism."""
         parallelize = parallelize or recipe_parallelize
         model = TurboSForCausalLM(config).to(device).train()
         self.stage: StagePlan | None = None
@@ -135,7 +139,7 @@ class Trainer(TrainLoop):
             self._build_optimizer(model.config),
             LRSchedule(recipe.optimizer.lr, recipe.schedule.warmup_steps, self.plans),
             None,  # each stage's stream, opened when the stage is entered
-            lm_loss_fn(self.eos_id),
+            lm_loss_fn(self.eos_id, self.shard),
             LoopSettings(
                 run_dir=run_dir,
                 recipe_state=identity,
@@ -149,6 +153,7 @@ class Trainer(TrainLoop):
             ),
             parallelize,
         )
+        self.data_ranks = self.dims.data_parallel
         if checkpoint is not None:
             self.last_val_loss = self.resume(checkpoint).get("val_loss")
 
@@ -162,6 +167,31 @@ class Trainer(TrainLoop):
                     f"(grad_accum {plan.grad_accum} x {self.data_parallel} ranks when the run started), "
                     f"which {ranks} data-parallel ranks cannot share evenly"
                 )
+
+    def _sequence_shard(self, config: TurboSConfig) -> tuple[int, int] | None:
+        """This rank's (index, count) piece of the sequences, or None without context parallelism;
+        ParallelError where the recipe cannot be split so."""
+        cp = self.dims.cp
+        if cp == 1:
+            return None
+        if self.recipe.data.reset_at_eos:
+            raise ParallelError(
+                "parallel.cp > 1 does not support data.reset_at_eos (documents apart in a row)"
+            )
+        for plan in self.plans:
+            if plan.seq_len % cp:
+                raise ParallelError(
+                    f"stage {plan.name!r}: seq_len {plan.seq_len} is not a multiple of parallel.cp={cp}"
+                )
+            if (
+                self.recipe.parallel.cp_mode == "parallel"
+                and plan.seq_len // cp < config.mamba_conv_kernel - 1
+            ):
+                raise ParallelError(
+                    f"stage {plan.name!r}: shards of {plan.seq_len // cp} tokens are shorter than the Mamba2 "
+                    f"conv window ({config.mamba_conv_kernel - 1}) that cp_mode=parallel passes on"
+                )
+        return self.dims.cp_rank(rank()), cp
 
     def _model_config(self) -> TurboSConfig:
         config = self.recipe.model_config()
@@ -197,7 +227,9 @@ class Trainer(TrainLoop):
         self.model.config.rope_alpha = plan.rope_alpha
         if self.model.model.rotary_emb is not None:
             self.model.model.rotary_emb.set_alpha(self.model.config.rope_theta, plan.rope_alpha)
-        self.batches = train_batches(self.recipe, plan, self.tokenizer, rank(), self.dims.data_parallel)
+        self.batches = train_batches(
+            self.recipe, plan, self.tokenizer, self.dims.data_rank(rank()), self.dims.data_parallel
+        )
 
     # ----------------------------------------------------------------------- the loop's hooks
     def grad_accum(self) -> int:
@@ -256,7 +288,10 @@ class Trainer(TrainLoop):
     def evaluate(self, plan: StagePlan | None = None) -> float:
         """Validation loss of the current model on a stage's validation batches (default: current)."""
         batches = self.validation_batches(plan or self.stage)
-        return evaluate_loss(self.model, batches, self.device, self.recipe.precision, self.eos_id)
+        loss = evaluate_loss(self.model, batches, self.device, self.recipe.precision, self.eos_id, self.shard)
+        if self.shard is not None:  # each rank has its piece of the sequences: average them
+            loss = mean_over_ranks({"val": torch.tensor(loss)})["val"].item()
+        return loss
 
     def _eval_record(self) -> dict[str, float]:
         self.last_val_loss = self.evaluate()
