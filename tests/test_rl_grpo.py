@@ -5,6 +5,7 @@ filtering, the recipe and the CLI."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ def test_a_bad_reward_is_a_clear_error(base, tmp_path) -> None:
 
 def test_grpo_cli_runs_a_recipe_and_a_finished_run_is_kept(base, tmp_path, capsys) -> None:
     path = tmp_path / "grpo.yaml"
-    raw = {k: v for k, v in vars(_recipe(base, tmp_path / "cli")).items()}
+    raw = asdict(_recipe(base, tmp_path / "cli"))
     raw.update(reward="builtin:correct", adaptive={"enabled": True, "probes": 1}, prompts={"problems": 8})
     path.write_text(yaml.safe_dump(json.loads(json.dumps(raw))))
     assert main(["grpo", "--recipe", str(path), "steps=2", "--no-progress"]) == 0

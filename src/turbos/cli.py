@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from turbos.config import LAYER_KINDS, ConfigError
@@ -121,9 +120,7 @@ def _cmd_post_train(args: argparse.Namespace) -> int:
     from turbos.distributed.parallel import process_group
 
     recipe = Recipe.load(args.recipe, args.overrides)
-    # SFT runs under torchrun too; GRPO in one process only
-    group = process_group(resolve_device(recipe.device)) if args.command == "sft" else nullcontext(True)
-    with group as main:
+    with process_group(resolve_device(recipe.device)) as main:  # under torchrun; one process: none
         summary = run(
             recipe,
             progress=not args.no_progress,

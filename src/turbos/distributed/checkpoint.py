@@ -12,6 +12,9 @@ Rank 0 prepares the temporary directory and renames it into place after every ra
 its part, so the checkpoint appears whole or not at all (the run directory must be on a file
 system every rank sees). ``load_sharded_checkpoint`` also runs in a single process, without a
 process group, into a plain model: a run saved on N ranks resumes on one.
+
+``copy_full_weights`` fills an unsharded copy of the model (GRPO's rollout engine) from the
+sharded one, parameter by parameter.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from turbos.distributed.parallel import barrier, broadcast_object, is_main
 from turbos.safetensors_io import save_state_dict
@@ -63,6 +67,16 @@ def export_full_model(model: nn.Module, directory: Path) -> None:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_state_dict(state, directory, metadata={"turbos_config": json.dumps(config.to_dict())})
+
+
+@torch.no_grad()
+def copy_full_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy every parameter of ``source`` (sharded by FSDP2: each gathered whole in turn, so at
+    most one extra parameter's memory; or not sharded) into the same-named parameter of the
+    unsharded ``target``, in place (its storage stays, as CUDA graphs need). Every rank calls."""
+    into = dict(target.named_parameters())
+    for name, param in source.named_parameters():
+        into[name].copy_(param.full_tensor() if isinstance(param, DTensor) else param)
 
 
 def save_sharded_checkpoint(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from turbos.config import ConfigError
+from turbos.distributed.parallel import ParallelConfig
 from turbos.rl.losses import GRPOLossConfig
 from turbos.rl.rewards import AdaptiveShaping
 from turbos.settings import apply_overrides, check_settings, parse_settings, read_yaml, setting
@@ -107,6 +108,9 @@ class GRPORecipe:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Under torchrun: FSDP2 over the ranks, which share each rollout's prompts and each
+    micro-batch's samples (``turbos.rl.trainer``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

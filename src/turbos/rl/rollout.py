@@ -1,12 +1,14 @@
 """Rollouts: groups of sampled responses from the continuous-batching engine, and the packed
 batches the update trains on.
 
-The engine runs the policy module itself (``LLMEngine(policy, ...)``): the optimizer updates
-those parameters in place, so every rollout samples from the current weights with no copy, no
-weight sync and no stale snapshot. Both the engine and the update run the model with inference
-routing (no MoE capacity limit), so the engine's per-token log-probabilities are the policy's
-(``tests/test_rl_rollout.py`` checks them against the trainer's, fp32, <= 1e-4) and serve as the
-sampling policy's ``old_logp`` of the clipped ratio.
+In one process the engine runs the policy module itself (``LLMEngine(policy, ...)``): the
+optimizer updates those parameters in place, so every rollout samples from the current weights
+with no copy, no weight sync and no stale snapshot. On several ranks (FSDP2 shards the policy)
+each rank's engine runs an unsharded copy that ``turbos.rl.trainer.RolloutSource`` refreshes
+before every rollout (``turbos.distributed.checkpoint.copy_full_weights``). Both the engine and
+the update run the model with inference routing (no MoE capacity limit), so the engine's
+per-token log-probabilities are the policy's (``tests/test_rl_rollout.py`` checks them against
+the trainer's, fp32, <= 1e-4) and serve as the sampling policy's ``old_logp`` of the clipped ratio.
 
 A group for one prompt (a problem asked in ``auto`` mode) holds ``group_size`` free samples,
 whose first token is the model's own decision to think, plus ``probes`` forced samples of each
@@ -154,22 +156,25 @@ class RolloutBatch:
     over the step's number of micro-batches (the loop divides by that number again)."""
     first_update: bool = False
     """Whether the policy still has the sampling weights (the first update after a rollout)."""
+    stand_in: bool = False
+    """A batch trained on with no effect (zero loss and metrics, no tokens counted): on several
+    ranks, that of a rank whose share of the micro-batch is empty, since FSDP needs every rank's
+    forward and backward."""
 
     @property
     def num_tokens(self) -> int:
-        return self.chat.num_tokens
+        return 0 if self.stand_in else self.chat.num_tokens
 
     def to(self, device: torch.device) -> RolloutBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return RolloutBatch(
-            self.chat.to(device),
-            move(self.old_logp),
-            move(self.ref_logp),
-            move(self.advantages),
-            self.norm,
-            self.first_update,
+        return replace(
+            self,
+            chat=self.chat.to(device),
+            old_logp=move(self.old_logp),
+            ref_logp=move(self.ref_logp),
+            advantages=move(self.advantages),
         )
 
 

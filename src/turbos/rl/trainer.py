@@ -14,6 +14,16 @@ Exact resume: the source's state is the prompt stream's position, the prompts ke
 filter, and the micro-batches of the current rollout not yet trained on (their tokens,
 log-probabilities and advantages); every sample is drawn with a seed fixed by the run's seed and
 the prompt's stream position, so a resumed run draws what the uninterrupted one drew.
+
+Under torchrun the recipe's ``parallel:`` section shards the policy with FSDP2. Every rank's
+engine runs an unsharded copy of the policy, refreshed from it before every rollout; each rank
+samples and scores every ranks-th prompt of a rollout (and of the filter's pre-pass) and scores
+the reference log-probabilities of every ranks-th sample, and the results are all-gathered, so
+every rank holds the whole rollout in the order of one process (the same tokens: each sample's
+seed follows from its prompt's stream position; log-probabilities equal up to the rounding of
+another batch mix). Each rank trains on every ranks-th sample of each micro-batch, its loss
+divided by the step's trained tokens / ranks: FSDP averages the gradients over the ranks, so they
+are those of one process on the whole step. Rank 0 writes the output directory's files.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ from turbos.data.tasks.code import LEVELS as CODE_LEVELS
 from turbos.data.tasks.code import generate_code_problems
 from turbos.data.tokenizer import load_tokenizer, save_tokenizer
 from turbos.device import resolve_device
+from turbos.distributed.checkpoint import copy_full_weights
+from turbos.distributed.fsdp import recipe_parallelism
+from turbos.distributed.parallel import broadcast_object, is_main, rank, share_work
 from turbos.model import TurboSForCausalLM
 from turbos.post.sft import export_model, finetune_parts
 from turbos.rl.advantages import group_advantages, informative_groups, unstable_prompts
@@ -63,7 +76,16 @@ MODEL_DIR, SUMMARY_FILE, FILTER_FILE = "model", "grpo_summary.json", "filter.jso
 
 # Recipe fields a resumed run may change: where it writes, how often it saves, where it runs.
 RESUMABLE_CHANGES = frozenset(
-    {"output_dir", "checkpoint_interval", "keep_last", "device", "precision", "max_running", "extra"}
+    {
+        "output_dir",
+        "checkpoint_interval",
+        "keep_last",
+        "device",
+        "precision",
+        "max_running",
+        "parallel",
+        "extra",
+    }
 )
 
 
@@ -228,7 +250,10 @@ class EmptyBatch:
 
 
 class RolloutSource:
-    """The GRPO batch source (see the module docstring)."""
+    """The GRPO batch source (see the module docstring). On ``ranks`` data-parallel ranks,
+    ``rank`` samples its share of each rollout and trains on its share of each micro-batch;
+    ``policy`` is the (sharded) model trained when the engine runs a copy of it, which is then
+    refreshed from it before every rollout (None: the engine runs the policy itself)."""
 
     def __init__(
         self,
@@ -238,9 +263,13 @@ class RolloutSource:
         reward_fn: RewardFn,
         recipe: GRPORecipe,
         write: Callable[[str], None] = print,
+        rank: int = 0,
+        ranks: int = 1,
+        policy: nn.Module | None = None,
     ) -> None:
         self.engine, self.reference, self.problems = engine, reference, list(problems)
         self.reward_fn, self.recipe, self.write = reward_fn, recipe, write
+        self.rank, self.ranks, self.policy = rank, ranks, policy
         self.device = engine.device
         self.kept: list[int] | None = None
         self.filter_stats: dict[str, Any] = {}
@@ -286,24 +315,46 @@ class RolloutSource:
 
     # ------------------------------------------------------------------------------- rollouts
     def _groups(self, indices: Sequence[int], keys: Sequence[int], tag: str) -> list[list[Sample]]:
+        """The scored groups of pool prompts ``indices`` drawn at stream positions ``keys``, each
+        rank sampling its share (``share_work``); ``Sample.group`` is the index in ``indices``."""
         r = self.recipe
-        problems = [self.problems[i] for i in indices]
-        groups = rollout_groups(
-            self.engine,
-            problems,
-            keys,
-            r.group_size,
-            r.probes,
-            r.max_tokens,
-            r.temperature,
-            f"{r.seed}/{tag}",
-        )
-        score_groups(groups, problems, self.reward_fn, r)
+
+        def sample(share: list[tuple[int, int]]) -> list[list[Sample]]:
+            problems = [self.problems[i] for i, _ in share]
+            groups = rollout_groups(
+                self.engine,
+                problems,
+                [key for _, key in share],
+                r.group_size,
+                r.probes,
+                r.max_tokens,
+                r.temperature,
+                f"{r.seed}/{tag}",
+            )
+            score_groups(groups, problems, self.reward_fn, r)
+            return groups
+
+        groups = share_work(list(zip(indices, keys, strict=True)), sample, self.rank, self.ranks)
+        for g, group in enumerate(groups):
+            for s in group:
+                s.group = g
         return groups
+
+    def _reference_logprobs(self, samples: list[Sample]) -> None:
+        """Fill the samples' ``ref_logprobs``, each rank scoring its share (``share_work``)."""
+
+        def score(share: list[Sample]) -> list[list[float]]:
+            reference_logprobs(self.reference, share, self.recipe.pack_len, self.device)
+            return [s.ref_logprobs for s in share]
+
+        for s, ref in zip(samples, share_work(samples, score, self.rank, self.ranks), strict=True):
+            s.ref_logprobs = ref
 
     def rollout(self) -> None:
         """Sample, score and filter one rollout's groups; queue their micro-batches."""
         r = self.recipe
+        if self.policy is not None:  # the engine's copy takes the policy's latest weights
+            copy_full_weights(self.policy, self.engine.model)
         if self.kept is None:
             self.filter_prompts()
         if self._stream is None:
@@ -335,7 +386,7 @@ class RolloutSource:
         samples = [s for g in kept for s in g if any(s.trained)]
         start = time.perf_counter()
         if self.reference is not None and samples:
-            reference_logprobs(self.reference, samples, r.pack_len, self.device)
+            self._reference_logprobs(samples)
         reference_s = time.perf_counter() - start
         self.rollouts += 1
         self._queue(samples)
@@ -371,9 +422,15 @@ class RolloutSource:
         if not self.pending:
             self.rollout()
         micro = self.pending.pop(0)
-        if not micro["samples"]:
-            return EmptyBatch()  # a share left empty (fewer samples than micro-batches)
-        return build_batch(micro["samples"], self.recipe.pack_len, micro["norm"], micro["first"])
+        samples = micro["samples"]
+        if not samples:
+            return EmptyBatch()  # fewer samples than micro-batches: every rank skips this one
+        share = samples[self.rank :: self.ranks]
+        # Each rank divides by the step's trained tokens / ranks: FSDP averages the gradients.
+        norm = micro["norm"] / self.ranks
+        batch = build_batch(share or samples[:1], self.recipe.pack_len, norm, micro["first"])
+        batch.stand_in = not share
+        return batch
 
     def take_stats(self) -> dict[str, float]:
         stats, self.stats = self.stats, None
@@ -413,6 +470,8 @@ def grpo_loss_fn(config: GRPOLossConfig) -> Callable[[nn.Module, RolloutBatch | 
         }
         if batch.first_update:
             metrics["logprob_gap"] = (logp.detach() - batch.old_logp).abs().max()
+        if batch.stand_in:  # its forward and backward are for FSDP only
+            return (loss + out.aux_loss) * 0, {name: value * 0 for name, value in metrics.items()}
         return loss + out.aux_loss, metrics
 
     return loss_fn
@@ -474,7 +533,8 @@ def run_grpo(
     ``reward_fn``: a Python reward function (``reward(prompts, completions, **meta)``) used
     instead of ``recipe.reward``. ``resume`` ('auto' or a checkpoint), ``overwrite`` and
     ``stop_at`` as in ``turbos.post.sft.run_sft``: a resumed run gives the policy of a run never
-    stopped, bit for bit on CPU."""
+    stopped, bit for bit on CPU. Under torchrun every rank calls this (the module docstring says
+    how they share the work); rank 0 writes the output directory's files."""
     if stop_at is not None and not 0 < stop_at <= recipe.steps:
         raise ValueError(f"stop_at must be in [1, steps={recipe.steps}], got {stop_at}")
     out = Path(recipe.output_dir)
@@ -482,35 +542,56 @@ def run_grpo(
     if reward_fn is not None:
         identity["reward"] = f"python:{getattr(reward_fn, '__module__', '?')}.{reward_fn.__qualname__}"
     outputs = (out / MODEL_DIR, out / SUMMARY_FILE)
-    checkpoint, finished = start_run(out, resume, overwrite, identity, outputs, "GRPO")
+    checkpoint, finished = broadcast_object(  # the output directory's files are rank 0's
+        start_run(out, resume, overwrite, identity, outputs, "GRPO") if is_main() else None
+    )
     if finished is not None:
         return finished
     reward = build_reward(recipe, reward_fn)
     problems = load_prompts(recipe)
     torch.manual_seed(recipe.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grpo_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "grpo_recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     device = resolve_device(recipe.device)
     model = TurboSForCausalLM.from_pretrained(recipe.model, device=device)
+    dims, parallelize = recipe_parallelism(recipe.parallel, model.config, "GRPO")
     tokenizer = load_tokenizer(recipe.model)
-    tokenizer_dir = save_tokenizer(tokenizer, out / "tokenizer")
+    tokenizer_dir = out / "tokenizer"  # copied into every checkpoint (by rank 0)
+    if is_main():
+        save_tokenizer(tokenizer, tokenizer_dir)
     reference = None
     if recipe.kl_coef > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    engine = LLMEngine(model, tokenizer, max_running=recipe.max_running, seed=recipe.seed)
+    # One process: the engine runs the policy itself. Sharded: an unsharded copy on every rank,
+    # refreshed from the policy before every rollout (RolloutSource).
+    sharded = dims.dp_shard > 1
+    engine_model = copy.deepcopy(model) if sharded else model
+    engine = LLMEngine(engine_model, tokenizer, max_running=recipe.max_running, seed=recipe.seed)
     min_lr = recipe.lr if recipe.min_lr is None else recipe.min_lr
     optimizer, schedule, settings = finetune_parts(
         recipe, model, min_lr, out, identity, device, tokenizer_dir, progress, "grpo"
     )
-    loop = GRPOLoop(model, optimizer, schedule, None, grpo_loss_fn(recipe.loss), settings)
-    loop.batches = RolloutSource(engine, reference, problems, reward, recipe, loop.write)
+    loop = GRPOLoop(model, optimizer, schedule, None, grpo_loss_fn(recipe.loss), settings, parallelize)
+    loop.batches = RolloutSource(
+        engine,
+        reference,
+        problems,
+        reward,
+        recipe,
+        loop.write,
+        rank(),
+        dims.data_parallel,
+        loop.model if sharded else None,
+    )
     if checkpoint is not None:
         loop.resume(checkpoint)
     end = recipe.steps if stop_at is None else max(stop_at, loop.step)
     start = time.perf_counter()
     loop.train(end)
     source = loop.batches
-    (out / FILTER_FILE).write_text(json.dumps(source.filter_stats, indent=2) + "\n")
+    if is_main():
+        (out / FILTER_FILE).write_text(json.dumps(source.filter_stats, indent=2) + "\n")
     if end < recipe.steps:
         return {"steps": end, "stopped_at": end, "wall_s": time.perf_counter() - start}
     try:
@@ -524,7 +605,8 @@ def run_grpo(
             "wall_s": time.perf_counter() - start,
             "model_dir": str(out / MODEL_DIR),
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if is_main():
+            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     except KeyboardInterrupt as err:
         raise loop.interrupted(err) from None
     return summary
