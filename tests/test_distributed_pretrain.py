@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from conftest import small_config
 from dist_helpers import run_ranks
 from test_distributed_fsdp import MICRO, TOL, _max_diff
-from turbos.distributed.fsdp import recipe_parallelism
-from turbos.distributed.parallel import ParallelConfig, ParallelError
+from turbos.distributed.fsdp import parallelize, recipe_parallelism
+from turbos.distributed.parallel import ParallelConfig, ParallelDims, ParallelError, world_size
+from turbos.model import TurboSForCausalLM
 from turbos.safetensors_io import load_state_dict
 from turbos.train.metrics import read_metrics
 from turbos.train.recipe import parse_recipe
@@ -103,3 +107,35 @@ def _refusals(run_dir: Path) -> None:
 
 def test_recipes_that_cannot_split_their_sequences_are_refused(tmp_path: Path) -> None:
     run_ranks(_refusals, 2, tmp_path)
+
+
+def _meta_build(overrides: dict[str, Any], parallel: dict[str, Any]) -> None:
+    config = small_config(**overrides)
+    torch.manual_seed(3)
+    reference = TurboSForCausalLM(config)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        model = TurboSForCausalLM(config)
+    settings = ParallelConfig(**parallel)
+    parallelize(model, ParallelDims.resolve(settings, world_size(), config), settings, torch.device("cpu"))
+    assert all(isinstance(p, DTensor) and not p.is_meta for p in model.parameters())
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    expected = reference.state_dict()
+    assert state.keys() == expected.keys()
+    assert not [name for name in expected if not torch.equal(state[name], expected[name])], "not bitwise"
+    for (name, a), b in zip(reference.named_buffers(), model.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    marked = [n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)]
+    assert marked == [n for n, p in reference.named_parameters() if getattr(p, "_no_weight_decay", False)]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == config.tie_word_embeddings
+
+
+def _meta_builds() -> None:
+    _meta_build({"tie_word_embeddings": True}, {})
+    _meta_build({}, {"ep": 2})  # experts: 2-D (EP x FSDP over their replicas)
+
+
+def test_meta_build_materialises_the_weights_of_one_process(tmp_path: Path) -> None:
+    """Built on the meta device and sharded there, each rank draws every module's parameters whole
+    and keeps its shards: bitwise the weights, buffers, ties and no-decay marks of one process."""
+    run_ranks(_meta_builds, 4)

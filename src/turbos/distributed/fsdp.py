@@ -18,8 +18,11 @@ resharded after), and the root holds the rest: embeddings, final norm and LM hea
 embeddings stay one parameter. Activation checkpointing is the composable
 ``torch.distributed._composable.checkpoint`` on each layer, which leaves the module tree and the
 state-dict keys unchanged (MoE layers overwrite their router entry when recomputed, see
-``LayerContext``). The model is built whole on every rank from the same seed (bitwise the
-weights of a single process) and sharded in place; the shards move to the mesh's device.
+``LayerContext``). Pre-training builds the model on the meta device and shards it there; each
+rank then allocates its shards only and fills them with the draws of a single process
+(``materialize``: every module's parameters drawn whole in turn, under the same seed), so the
+weights are bitwise those of one process. A model built on a real device (a loaded checkpoint,
+SFT and GRPO) is sharded in place; the shards move to the mesh's device.
 
 FSDP2 rebuilds a dataclass argument that holds tensors needing gradients, to hook them for its
 post-backward; the ``LayerContext`` holds such tensors once an MoE layer has recorded its router
@@ -30,20 +33,23 @@ the hidden states).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from turbos.config import TurboSConfig
 from turbos.distributed.context_parallel import context_parallel
 from turbos.distributed.expert_parallel import ExpertParallelExperts, expert_parallel
 from turbos.distributed.parallel import ParallelConfig, ParallelDims, ParallelError, world_size
 from turbos.model.context import LayerContext
+from turbos.model.hybrid import TurboSForCausalLM
 
 
 def param_dtype(config: ParallelConfig, device: torch.device) -> torch.dtype:
@@ -54,12 +60,16 @@ def param_dtype(config: ParallelConfig, device: torch.device) -> torch.dtype:
 
 
 def recipe_parallelism(
-    config: ParallelConfig, model: TurboSConfig, kind: str = "pre-training"
+    config: ParallelConfig,
+    model: TurboSConfig,
+    kind: str = "pre-training",
+    device: torch.device | None = None,
 ) -> tuple[ParallelDims, Callable[[nn.Module], nn.Module] | None]:
     """A recipe's ``parallel:`` section on this world: its degrees, and the ``parallelize`` hook it
-    asks of the training loop (FSDP2 on several ranks, activation checkpointing; None: nothing).
-    Context parallelism is pre-training's alone: another ``kind`` (its name for the error) is
-    refused it, since its rows are padded or packed."""
+    asks of the training loop (FSDP2 on several ranks, activation checkpointing; None: nothing;
+    ``device``: where a meta-built model is materialised). Context parallelism is pre-training's
+    alone: another ``kind`` (its name for the error) is refused it, since its rows are padded or
+    packed."""
     dims = ParallelDims.resolve(config, world_size(), model)
     if dims.cp > 1 and kind != "pre-training":
         raise ParallelError(
@@ -67,16 +77,22 @@ def recipe_parallelism(
             "is for pre-training, whose rows are unpadded); use cp=1"
         )
     if dims.world > 1 or config.activation_checkpointing:
-        return dims, functools.partial(parallelize, dims=dims, config=config)
+        return dims, functools.partial(parallelize, dims=dims, config=config, device=device)
     return dims, None
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) -> nn.Module:
+def parallelize(
+    model: nn.Module, dims: ParallelDims, config: ParallelConfig, device: torch.device | None = None
+) -> nn.Module:
     """Apply expert parallelism, context parallelism, activation checkpointing (each if asked)
     and FSDP2 over all ranks to a ``TurboSForCausalLM``, in place (module docstring); returns it.
-    One rank: checkpointing only."""
+    One rank: checkpointing only. A model built on the meta device is sharded there, then
+    materialised on ``device`` (``materialize``); otherwise ``device`` is its parameters'."""
     layers = model.model.layers
-    device = next(model.parameters()).device
+    built_on_meta = next(model.parameters()).is_meta
+    if built_on_meta and (device is None or dims.world == 1):
+        raise ValueError("a meta-built model needs several ranks and the device to materialise it on")
+    device = device or next(model.parameters()).device
     ep_mesh = None
     if dims.ep > 1:
         ep_mesh = init_device_mesh(
@@ -115,7 +131,48 @@ def parallelize(model: nn.Module, dims: ParallelDims, config: ParallelConfig) ->
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for layer in layers:
         _keep_layer_context(layer)
+    if built_on_meta:
+        materialize(model, device)
     return model
+
+
+@torch.no_grad()
+def materialize(model: TurboSForCausalLM, device: torch.device) -> None:
+    """Allocate the shards of a model built on the meta device and sharded there, on ``device``,
+    and initialise them with the draws of a single process (``init_weights``): each module's
+    parameters are drawn whole on every rank, one module at a time, and each rank keeps its
+    shards. Under the same seed the weights are then bitwise those of ``TurboSForCausalLM(config)``
+    on one process, while no rank holds more than one module's whole parameters."""
+    model.to_empty(device=device)
+    seen: set[int] = set()
+    owned: set[tuple[int, str]] = set()  # the first place of each parameter (tied ones: one)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                owned.add((id(module), name))
+
+    @contextlib.contextmanager
+    def whole(module: nn.Module, names: list[str]) -> Iterator[None]:
+        sharded = {name: module._parameters[name] for name in names}
+        sharded = {name: p for name, p in sharded.items() if isinstance(p, DTensor)}
+        for name, param in sharded.items():
+            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+            module._parameters[name] = nn.Parameter(full, requires_grad=param.requires_grad)
+        try:
+            yield
+        finally:
+            for name, param in sharded.items():
+                full = module._parameters[name]
+                if (id(module), name) in owned:
+                    local = distribute_tensor(
+                        full.detach(), param.device_mesh, param.placements, src_data_rank=None
+                    )
+                    param.to_local().copy_(local.to_local())
+                    param.__dict__.update(full.__dict__)  # marks such as _no_weight_decay
+                module._parameters[name] = param
+
+    model.init_weights(whole)
 
 
 def _keep_layer_context(layer: nn.Module) -> None:

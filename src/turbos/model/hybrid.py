@@ -9,10 +9,11 @@ per layer from outside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from turbos.model.moe import MoE, MoEStats, ReLU2MLP, RoutedExperts, SwiGLU, fee
 from turbos.model.norm import RMSNorm
 from turbos.model.rope import RotaryEmbedding
 from turbos.safetensors_io import INDEX, load_state_dict, save_state_dict, weight_files
+
+WholeParams = Callable[[nn.Module, list[str]], contextlib.AbstractContextManager]
+"""``TurboSForCausalLM.init_weights``'s hook: (module, parameter names) -> a context in which
+those parameters are whole tensors."""
 
 IGNORE_INDEX = -100
 
@@ -220,7 +225,7 @@ class TurboSForCausalLM(nn.Module):
         self.apply(self._init_weights)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, whole: WholeParams | None = None) -> None:
         """Initialise every parameter and buffer as the constructor does, drawing the same random
         numbers in the same order, for a model built on the meta device and materialised with
         ``to_empty(device=...)``: under the same ``torch.manual_seed`` it then holds bitwise the
@@ -229,38 +234,61 @@ class TurboSForCausalLM(nn.Module):
         Construction draws in each submodule's ``reset_parameters`` (nn.Linear, nn.Conv1d,
         nn.Embedding, Mamba2's SSM init; norms and the rotary table draw nothing), children before
         their parent in registration order, then in the ``_init_weights`` pass; this replays
-        both. ``to_empty`` also unties tied embeddings, so they are tied again in between."""
+        both. ``to_empty`` also unties tied embeddings, so they are tied again in between.
+
+        ``whole(module, names)``: a context in which those direct parameters of ``module`` are
+        whole tensors to draw into (default: they are); a sharded model's materialiser
+        (``turbos.distributed.fsdp``) gives the draws full-size tensors and keeps its shards."""
+        whole = whole or (lambda module, names: contextlib.nullcontext())
 
         def reset(module: nn.Module) -> None:
             for child in module.children():
                 reset(child)
             if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+                with whole(module, [name for name, _ in module.named_parameters(recurse=False)]):
+                    module.reset_parameters()
 
         reset(self)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
+        in_apply_order: list[nn.Module] = []  # children before their parent, as nn.Module.apply
+        self.apply(in_apply_order.append)
+        for module in in_apply_order:
+            for owner, name, std in self._init_plan(module):
+                with whole(owner, [name]):
+                    param = getattr(owner, name)
+                    param.zero_() if std is None else param.normal_(0, std)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range); projections into the residual stream are scaled down by
-        1/sqrt(2 * layers) (GPT-2) so the residual grows slowly with depth."""
+        1/sqrt(2 * layers) (GPT-2) so the residual grows slowly with depth (``_init_plan``)."""
+        for owner, name, std in self._init_plan(module):
+            param = getattr(owner, name)
+            param.zero_() if std is None else param.normal_(0, std)
+
+    def _init_plan(self, module: nn.Module) -> list[tuple[nn.Module, str, float | None]]:
+        """What ``_init_weights`` draws for ``module``, in order: (owner, parameter name, std of
+        the normal draw, or None for zeros)."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Embedding):
-            module.weight.normal_(0, std)
-        elif isinstance(module, (Attention, Mamba2Mixer, SwiGLU, ReLU2MLP)):
+            return [(module, "weight", std)]
+        if isinstance(module, (Attention, Mamba2Mixer, SwiGLU, ReLU2MLP)):
+            plan = []
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):
-                    child.weight.normal_(0, out_std if name in ("o_proj", "out_proj", "down_proj") else std)
+                    plan.append(
+                        (child, "weight", out_std if name in ("o_proj", "out_proj", "down_proj") else std)
+                    )
                     if child.bias is not None:
-                        child.bias.zero_()
-        elif isinstance(module, RoutedExperts):
-            getattr(module, module.in_proj_name).normal_(0, std)
-            module.down_proj.normal_(0, out_std)
-        elif isinstance(module, nn.Linear) and module.weight is not self.model.embed_tokens.weight:
-            module.weight.normal_(0, std)
+                        plan.append((child, "bias", None))
+            return plan
+        if isinstance(module, RoutedExperts):
+            return [(module, module.in_proj_name, std), (module, "down_proj", out_std)]
+        if isinstance(module, nn.Linear) and module.weight is not self.model.embed_tokens.weight:
+            return [(module, "weight", std)]
+        return []
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

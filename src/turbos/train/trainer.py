@@ -118,7 +118,7 @@ class Trainer(TrainLoop):
 
         self.eos_id = eos_token_id(self.tokenizer) if recipe.data.reset_at_eos else None
         config = self._model_config()
-        self.dims, recipe_parallelize = recipe_parallelism(recipe.parallel, config)
+        self.dims, recipe_parallelize = recipe_parallelism(recipe.parallel, config, device=device)
         self.data_parallel = (
             self.dims.data_parallel
             if checkpoint is None
@@ -129,8 +129,12 @@ class Trainer(TrainLoop):
         self._check_global_batch()
         self.shard = self._sequence_shard(config)
         """(index, count) of this rank's piece of every sequence under context parallelism."""
+        # On several ranks the recipe's parallelism builds the model on the meta device, and each
+        # rank materialises only its shards (the draws of one process: distributed.fsdp.materialize).
+        on_meta = self.dims.world > 1 and parallelize is None
         parallelize = parallelize or recipe_parallelize
-        model = TurboSForCausalLM(config).to(device).train()
+        with torch.device("meta" if on_meta else device):
+            model = TurboSForCausalLM(config).train()
         self.stage: StagePlan | None = None
         self._val_batches: dict[int, list[torch.Tensor]] = {}
         self.last_val_loss: float | None = None
