@@ -140,7 +140,6 @@ def test_dcp_saved_on_two_ranks_loads_on_one(saved_on_two: Path) -> None:
     assert steps == {2.0} and len(optimizer.state) == len(list(model.parameters()))
 
 
-@pytest.mark.slow
 def test_dcp_saved_on_two_ranks_loads_on_four(saved_on_two: Path) -> None:
     run_ranks(_load_and_compare, 4, saved_on_two)
 
