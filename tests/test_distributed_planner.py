@@ -16,7 +16,6 @@ from turbos.distributed.planner import (
     Precision,
     activation_bytes,
     layer_activation_bytes,
-    layer_params,
     plan,
     suggest,
 )
@@ -56,14 +55,18 @@ def test_attention_layer_activations_by_hand() -> None:
     assert layer_activation_bytes(c, "A", T, b) == b * T * per_token
 
 
-def test_ep_divides_routed_expert_weights_only() -> None:
-    config = get_preset("small")
-    params = layer_params(config)
-    experts = params["F"].experts * config.layer_types.count("F")
-    one, four = small_plan(Layout(dp=2, ep=1)), small_plan(Layout(dp=2, ep=4))
-    saved = one.memory["weights"] - four.memory["weights"]
-    assert saved == pytest.approx(experts * 2 / 2 * (1 - 1 / 4))  # bf16, over dp=2, 3/4 gone
-    assert four.memory["fsdp_buffers"] < one.memory["fsdp_buffers"]
+def test_ep_ranks_shard_every_state_and_split_the_experts() -> None:
+    """EP ranks are data replicas: FSDP shards the dense weights over all DP x EP ranks and the
+    experts, split over EP, over their DP replicas. Every state divides by DP x EP, as FSDP alone
+    on the same GPUs; EP gathers less (the experts only over their replicas) and adds the token
+    all-to-alls."""
+    n = count_parameters(get_preset("small"))["total"]["total"]
+    fsdp, ep = small_plan(Layout(dp=8)), small_plan(Layout(dp=2, ep=4))
+    assert ep.memory["weights"] == pytest.approx(n * 2 / 8)
+    assert fsdp.memory["weights"] == pytest.approx(n * 2 / 8)
+    assert ep.communication["fsdp"] < fsdp.communication["fsdp"]
+    assert ep.communication["ep_all_to_all"] > 0 == fsdp.communication["ep_all_to_all"]
+    assert ep.memory["fsdp_buffers"] < fsdp.memory["fsdp_buffers"]
 
 
 def test_cp_divides_activations_and_adds_state_passing_independent_of_length() -> None:

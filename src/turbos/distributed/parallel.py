@@ -39,7 +39,8 @@ class ParallelConfig:
     """The recipe's ``parallel:`` section: how training spreads over torchrun's ranks."""
 
     dp_shard: int = setting(-1, ge=-1)
-    """Ranks that shard parameters, gradients and optimizer state (FSDP2); -1: all of them."""
+    """Data-parallel degree: ranks reading different batches (-1: world / cp). FSDP2 shards
+    parameters, gradients and optimizer state over all dp_shard x cp ranks."""
     ep: int = setting(1, ge=1)
     """Expert-parallel degree: consecutive ranks that split the routed experts between them; it
     must divide the world size and the number of experts."""

@@ -6,10 +6,11 @@ Layouts are ``DP x EP x CP x TP x PP = GPUs``:
 - DP and EP ranks see different micro-batches (``DP * EP`` data replicas); CP ranks split one
   sequence; TP (Megatron-style, on paper) splits attention heads, Mamba2 heads and groups, expert
   and dense FFN widths and the vocabulary; PP splits the layers into contiguous stages (1F1B).
-- Weight sharding: every parameter is FSDP-sharded (ZeRO-3) over the ``DP * CP`` ranks. Routed
-  experts are also split over EP (each EP rank holds ``num_experts / EP`` experts), so their
-  states divide by ``EP * DP * CP``; the other weights are replicated across EP (HSDP-style: their
-  gradients are all-reduced over EP once per step). So EP divides routed-expert memory only.
+- Weight sharding, as ``turbos.distributed.fsdp`` does it: every parameter but the routed experts
+  is FSDP-sharded (ZeRO-3) over all ``DP * EP * CP`` ranks; routed experts are split over EP (each
+  EP rank holds ``num_experts / EP`` experts) and FSDP-sharded over the ``DP * CP`` ranks holding
+  the same experts. Every state thus divides by ``DP * EP * CP``; EP replaces the gathering of
+  expert weights over the EP group by all-to-alls of tokens.
 - Precision (``Precision``): bf16 weights and gradients, fp32 master weights and two fp32 AdamW
   moments: 16 bytes per parameter (FSDP2's fp32 sharded parameters with fp32 gradients also
   come to 16). Activations in bf16 where our layers compute in bf16 and fp32 where they call
@@ -396,7 +397,7 @@ def plan(
     params = layer_params(config)
     kinds = config.layer_types
     P = precision
-    shard = dp * cp
+    shard, expert_shard = dp * ep * cp, dp * cp  # FSDP groups of the dense weights, of the experts
     state_bytes = {
         "weights": P.param_bytes,
         "gradients": P.grad_bytes,
@@ -405,14 +406,14 @@ def plan(
     tokens_local = micro_batch * seq_len // cp
 
     memory: dict[str, float] = {}
-    fsdp_bytes = 0.0
+    fsdp_bytes = fsdp_expert_bytes = 0.0  # of the stage that sends most
     for s, stage in enumerate(stages(len(kinds), pp)):
         first, last = s == 0, s == pp - 1
         dense = sum(params[kinds[i]].per_rank(tp, ep) - params[kinds[i]].experts / (tp * ep) for i in stage)
         expert = sum(params[kinds[i]].experts / (tp * ep) for i in stage)
         emb = params["embedding"]
         dense += (emb.split / 2 / tp) * (first + last) + emb.replicated * last  # vocab-parallel tables
-        held = (dense + expert) / shard
+        held = dense / shard + expert / expert_shard
         largest = max(params[kinds[i]].per_rank(tp, ep) for i in stage)
         acts = activation_bytes(
             config,
@@ -436,11 +437,10 @@ def plan(
         if sum(stage_memory.values()) > sum(memory.values()):
             memory = stage_memory
         # per micro-batch: all-gather in forward and again in backward, reduce-scatter of gradients
-        fsdp_bytes = max(
-            fsdp_bytes,
-            (dense + expert) * (shard - 1) / shard * m * (2 * P.param_bytes + P.grad_bytes)
-            + dense / shard * 2 * (ep - 1) / ep * P.grad_bytes,
-        )  # HSDP all-reduce across EP
+        traffic = m * (2 * P.param_bytes + P.grad_bytes)
+        if dense * (shard - 1) / shard * traffic > fsdp_bytes:
+            fsdp_bytes = dense * (shard - 1) / shard * traffic
+            fsdp_expert_bytes = expert * (expert_shard - 1) / expert_shard * traffic
 
     n_moe = kinds.count("F") if config.ffn_type == "moe" else 0
     n_mamba, n_attn = kinds.count("M"), kinds.count("A")
@@ -470,14 +470,23 @@ def plan(
     tp_bytes = m * layers_per_gpu * passes * 2 * (tp - 1) / tp * tokens_local * config.hidden_size * a
     pp_bytes = m * 2 * tokens_local * config.hidden_size * a if pp > 1 else 0.0
     communication = {
-        "fsdp": fsdp_bytes,
+        "fsdp": fsdp_bytes + fsdp_expert_bytes,
         "ep_all_to_all": ep_bytes,
         "cp": cp_bytes,
         "tp": tp_bytes,
         "pp": pp_bytes,
     }
-    groups = {"fsdp": ("cp", "dp"), "ep_all_to_all": ("ep",), "cp": ("cp",), "tp": ("tp",), "pp": ("pp",)}
+    groups = {
+        "fsdp": ("ep", "cp", "dp"),
+        "ep_all_to_all": ("ep",),
+        "cp": ("cp",),
+        "tp": ("tp",),
+        "pp": ("pp",),
+    }
     comm_seconds = {k: v / _bandwidth(layout, groups[k], network) for k, v in communication.items()}
+    comm_seconds["fsdp"] = fsdp_bytes / _bandwidth(layout, groups["fsdp"], network) + (
+        fsdp_expert_bytes / _bandwidth(layout, ("cp", "dp"), network)
+    )
 
     activated = count_parameters(config)["total"]["activated"]
     flops = (8 if activation_checkpointing else 6) * activated * tokens_per_step / layout.gpus
