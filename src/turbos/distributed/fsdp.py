@@ -140,9 +140,10 @@ def parallelize(
 def materialize(model: TurboSForCausalLM, device: torch.device) -> None:
     """Allocate the shards of a model built on the meta device and sharded there, on ``device``,
     and initialise them with the draws of a single process (``init_weights``): each module's
-    parameters are drawn whole on every rank, one module at a time, and each rank keeps its
-    shards. Under the same seed the weights are then bitwise those of ``TurboSForCausalLM(config)``
-    on one process, while no rank holds more than one module's whole parameters."""
+    parameters are drawn whole on every rank, on the CPU as ``TurboSForCausalLM(config)`` draws
+    them, one module at a time, and each rank keeps its shards. Under the same seed the weights
+    are then bitwise those of ``TurboSForCausalLM(config)`` on one process, while no rank holds
+    more than one module's whole parameters."""
     model.to_empty(device=device)
     seen: set[int] = set()
     owned: set[tuple[int, str]] = set()  # the first place of each parameter (tied ones: one)
@@ -156,8 +157,8 @@ def materialize(model: TurboSForCausalLM, device: torch.device) -> None:
     def whole(module: nn.Module, names: list[str]) -> Iterator[None]:
         sharded = {name: module._parameters[name] for name in names}
         sharded = {name: p for name, p in sharded.items() if isinstance(p, DTensor)}
-        for name, param in sharded.items():
-            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        for name, param in sharded.items():  # drawn on the CPU, as a single process draws
+            full = torch.empty(param.shape, dtype=param.dtype)
             module._parameters[name] = nn.Parameter(full, requires_grad=param.requires_grad)
         try:
             yield
@@ -166,7 +167,7 @@ def materialize(model: TurboSForCausalLM, device: torch.device) -> None:
                 full = module._parameters[name]
                 if (id(module), name) in owned:
                     local = distribute_tensor(
-                        full.detach(), param.device_mesh, param.placements, src_data_rank=None
+                        full.detach().to(device), param.device_mesh, param.placements, src_data_rank=None
                     )
                     param.to_local().copy_(local.to_local())
                     param.__dict__.update(full.__dict__)  # marks such as _no_weight_decay

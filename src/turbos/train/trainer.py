@@ -23,6 +23,7 @@ see the same rows and the loss curve goes on as if never stopped (within reducti
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import time
@@ -133,8 +134,10 @@ class Trainer(TrainLoop):
         # rank materialises only its shards (the draws of one process: distributed.fsdp.materialize).
         on_meta = self.dims.world > 1 and parallelize is None
         parallelize = parallelize or recipe_parallelize
-        with torch.device("meta" if on_meta else device):
-            model = TurboSForCausalLM(config).train()
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            model = TurboSForCausalLM(config).train()  # drawn on the CPU, as materialize draws
+        if not on_meta:
+            model.to(device)
         self.stage: StagePlan | None = None
         self._val_batches: dict[int, list[torch.Tensor]] = {}
         self.last_val_loss: float | None = None
