@@ -18,7 +18,7 @@ import torch
 from serve_helpers import tiny_model, tiny_tokenizer
 from test_distributed_fsdp import run_ranks
 from turbos.data.tokenizer import load_tokenizer, save_tokenizer
-from turbos.distributed.parallel import ParallelError, barrier
+from turbos.distributed.parallel import ParallelConfig, ParallelError, barrier
 from turbos.model import TurboSForCausalLM
 from turbos.post.sft import ChatBatches, SFTRecipe, encode_datasets, run_sft
 from turbos.serve.chat_template import save_chat_template
@@ -46,12 +46,14 @@ def _recipe(tmp_path: Path, out: str, **changes: object) -> SFTRecipe:
 def _two_ranks(tmp_path: Path) -> None:
     for normalization in NORMALIZATIONS:
         run_sft(_recipe(tmp_path, f"two-{normalization}", loss_normalization=normalization), progress=False)
+    run_sft(_recipe(tmp_path, "two-ep", parallel=ParallelConfig(ep=2)), progress=False)
     barrier()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model directory and chats of varied lengths, then 3 steps on 2 ranks per normalization."""
+    """A tiny model directory and chats of varied lengths, then 3 steps on 2 ranks per
+    normalization, and with expert parallelism."""
     tmp_path = tmp_path_factory.mktemp("sft")
     tokenizer = tiny_tokenizer()
     base = tmp_path / "base"
@@ -89,6 +91,17 @@ def test_two_ranks_match_one_process_losses_and_weights(runs: Path, normalizatio
         assert abs(a["grad_norm"] - b["grad_norm"]) < TOL and a["tokens"] == b["tokens"]
     assert json.loads((two / "sft_summary.json").read_text())["tokens"] == one["tokens"]
     assert _max_diff(_weights(two), _weights(runs / f"one-{normalization}")) < TOL
+
+
+def test_expert_parallel_sft_matches_one_process(runs: Path) -> None:
+    """Each rank holds half of the routed experts (FSDP2 over their one replica) and its share of
+    every step's conversations: the losses and weights of one process."""
+    run_sft(_recipe(runs, "one-ep"), progress=False)
+    mine, theirs = read_metrics(runs / "two-ep"), read_metrics(runs / "one-ep")
+    assert [r["step"] for r in mine] == [1, 2, 3]
+    for a, b in zip(mine, theirs, strict=True):
+        assert abs(a["lm_loss"] - b["lm_loss"]) < TOL and abs(a["grad_norm"] - b["grad_norm"]) < TOL
+    assert _max_diff(_weights(runs / "two-ep"), _weights(runs / "one-ep")) < TOL
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(runs: Path) -> None:
