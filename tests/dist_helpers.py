@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from turbos.distributed.parallel import close_distributed, init_distributed
+from turbos.model import TurboSForCausalLM
 
 
 def _free_port() -> int:
@@ -55,3 +57,14 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout: float = 
             for process in ctx.processes:
                 process.kill()
             pytest.fail(f"{world} ranks did not finish in {timeout} s")
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts of the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def exported_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a run's final ``model/`` directory."""
+    return TurboSForCausalLM.from_pretrained(run / "model").state_dict()

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from conftest import small_config
-from dist_helpers import run_ranks
+from dist_helpers import max_diff, run_ranks
 from test_train_loop import MICRO as LOOP_MICRO
 from turbos.distributed.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from turbos.distributed.fsdp import parallelize
@@ -40,11 +40,6 @@ TOL = 1e-5
 # Capacity factor num_experts / top_k: no expert overflows, so recycle routing's random draws
 # (torch's global generator, which differs between ranks and micro-batches) change nothing.
 CONFIG = {"capacity_factor": 2.0, "tie_word_embeddings": True}
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,11 +74,11 @@ def _parity(steps: int) -> None:
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         ref_grads = {n: p.grad for n, p in reference.named_parameters()}
         assert abs(loss.item() - ref_loss) < TOL, (step, loss.item(), ref_loss)
-        assert _max_diff(grads, ref_grads) < TOL, step
+        assert max_diff(grads, ref_grads) < TOL, step
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    assert _max_diff(_full_state(model), reference.state_dict()) < TOL
+    assert max_diff(_full_state(model), reference.state_dict()) < TOL
 
 
 def test_fsdp_matches_one_process_loss_grads_and_adamw_steps() -> None:
@@ -116,7 +111,7 @@ def _load_and_compare(checkpoint: Path) -> None:
     load_sharded_checkpoint(checkpoint, model, build_optimizer(model, lr=1e-2))
     state = _full_state(model)
     assert (
-        _max_diff({k: v for k, v in state.items() if k != "lm_head.weight"}, load_state_dict(checkpoint)) == 0
+        max_diff({k: v for k, v in state.items() if k != "lm_head.weight"}, load_state_dict(checkpoint)) == 0
     )
 
 
@@ -134,7 +129,7 @@ def test_dcp_saved_on_two_ranks_loads_on_one(saved_on_two: Path) -> None:
     model = TurboSForCausalLM(small_config(**CONFIG)).train()
     optimizer = build_optimizer(model, lr=1e-2)
     assert load_sharded_checkpoint(saved_on_two, model, optimizer) == {"step": 2}
-    assert _max_diff(model.state_dict(), exported.state_dict()) == 0
+    assert max_diff(model.state_dict(), exported.state_dict()) == 0
     assert model.lm_head.weight is model.model.embed_tokens.weight
     steps = {state["step"].item() for state in optimizer.state.values()}
     assert steps == {2.0} and len(optimizer.state) == len(list(model.parameters()))
@@ -183,7 +178,7 @@ def test_pretrain_on_two_ranks_resumes_on_one(tmp_path: Path) -> None:
         assert mine["tokens"] == theirs["tokens"]
     final = "checkpoints/step-00000004"
     assert (
-        _max_diff(load_state_dict(tmp_path / "one" / final), load_state_dict(tmp_path / "two" / final)) < TOL
+        max_diff(load_state_dict(tmp_path / "one" / final), load_state_dict(tmp_path / "two" / final)) < TOL
     )
 
 

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from dist_helpers import run_ranks
+from dist_helpers import exported_weights, max_diff, run_ranks
 from serve_helpers import tiny_model, tiny_tokenizer
 from turbos.config import ConfigError
 from turbos.data.tokenizer import save_tokenizer
 from turbos.distributed.parallel import ParallelError
-from turbos.model import TurboSForCausalLM
 from turbos.rl import GRPORecipe, run_grpo
 from turbos.serve.chat_template import save_chat_template
 from turbos.train.metrics import read_metrics
@@ -77,15 +75,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return TurboSForCausalLM.from_pretrained(run / "model").state_dict()
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def _pending(run: Path, step: int) -> list[dict[str, Any]]:
     """The samples a checkpoint keeps for the rest of its rollout."""
     state = json.loads((run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").read_text())
@@ -109,7 +98,7 @@ def test_two_ranks_sample_the_rollouts_of_one_process(runs: Path) -> None:
             assert max(abs(x - y) for x, y in zip(a["ref_logprobs"], b["ref_logprobs"], strict=True)) < TOL
 
 
-def test_two_ranks_match_one_process_losses_and_weights(runs: Path) -> None:
+def test_two_ranks_match_one_process_losses_andexported_weights(runs: Path) -> None:
     two, one = runs / "two", runs / "one"
     assert (two / "checkpoints" / "step-00000002" / "dcp").is_dir(), "checkpoints are sharded"
     mine, theirs = read_metrics(two), read_metrics(one)
@@ -120,14 +109,14 @@ def test_two_ranks_match_one_process_losses_and_weights(runs: Path) -> None:
         assert a["tokens"] == b["tokens"]
     summaries = [json.loads((run / "grpo_summary.json").read_text()) for run in (two, one)]
     assert summaries[0]["tokens"] == summaries[1]["tokens"]
-    assert _max_diff(_weights(two), _weights(one)) < TOL
+    assert max_diff(exported_weights(two), exported_weights(one)) < TOL
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(runs: Path) -> None:
     checkpoint = runs / "two" / "checkpoints" / "step-00000001"  # mid-rollout
     resumed = run_grpo(_recipe(runs, "resumed"), reward_fn=digits, progress=False, resume=str(checkpoint))
     assert [r["step"] for r in read_metrics(runs / "resumed")] == [2, 3, 4]
-    assert _max_diff(_weights(Path(resumed["model_dir"]).parent), _weights(runs / "two")) < TOL
+    assert max_diff(exported_weights(Path(resumed["model_dir"]).parent), exported_weights(runs / "two")) < TOL
 
 
 def test_parallel_degrees_are_checked(runs: Path) -> None:

@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from conftest import small_config
-from dist_helpers import run_ranks
-from test_distributed_fsdp import MICRO, TOL, _max_diff
+from dist_helpers import max_diff, run_ranks
+from test_distributed_fsdp import MICRO, TOL
 from turbos.distributed.fsdp import parallelize, recipe_parallelism
 from turbos.distributed.parallel import ParallelConfig, ParallelDims, ParallelError, world_size
 from turbos.model import TurboSForCausalLM
@@ -58,7 +58,7 @@ def _assert_same_run(mine: Path, theirs: Path, first_step: int = 1) -> None:
             if key in a:
                 assert abs(a[key] - b[key]) < TOL * max(1.0, abs(b[key])), (key, a, b)
         assert a["tokens"] == b["tokens"]
-    assert _max_diff(load_state_dict(mine / FINAL), load_state_dict(theirs / FINAL)) < TOL
+    assert max_diff(load_state_dict(mine / FINAL), load_state_dict(theirs / FINAL)) < TOL
 
 
 def test_ep_and_cp_on_four_ranks_match_one_process(tmp_path: Path) -> None:

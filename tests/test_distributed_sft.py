@@ -13,13 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from dist_helpers import exported_weights, max_diff, run_ranks
 from serve_helpers import tiny_model, tiny_tokenizer
-from test_distributed_fsdp import run_ranks
 from turbos.data.tokenizer import load_tokenizer, save_tokenizer
 from turbos.distributed.parallel import ParallelConfig, ParallelError, barrier
-from turbos.model import TurboSForCausalLM
 from turbos.post.sft import ChatBatches, SFTRecipe, encode_datasets, run_sft
 from turbos.serve.chat_template import save_chat_template
 from turbos.train.metrics import read_metrics
@@ -70,17 +68,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return TurboSForCausalLM.from_pretrained(run / "model").state_dict()
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_two_ranks_match_one_process_losses_and_weights(runs: Path, normalization: str) -> None:
+def test_two_ranks_match_one_process_losses_andexported_weights(runs: Path, normalization: str) -> None:
     one = run_sft(_recipe(runs, f"one-{normalization}", loss_normalization=normalization), progress=False)
     two = runs / f"two-{normalization}"
     assert (two / "checkpoints" / "step-00000002" / "dcp").is_dir(), "checkpoints are sharded"
@@ -90,7 +79,7 @@ def test_two_ranks_match_one_process_losses_and_weights(runs: Path, normalizatio
         assert abs(a["lm_loss"] - b["lm_loss"]) < TOL, (a["step"], a["lm_loss"], b["lm_loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < TOL and a["tokens"] == b["tokens"]
     assert json.loads((two / "sft_summary.json").read_text())["tokens"] == one["tokens"]
-    assert _max_diff(_weights(two), _weights(runs / f"one-{normalization}")) < TOL
+    assert max_diff(exported_weights(two), exported_weights(runs / f"one-{normalization}")) < TOL
 
 
 def test_expert_parallel_sft_matches_one_process(runs: Path) -> None:
@@ -101,14 +90,17 @@ def test_expert_parallel_sft_matches_one_process(runs: Path) -> None:
     assert [r["step"] for r in mine] == [1, 2, 3]
     for a, b in zip(mine, theirs, strict=True):
         assert abs(a["lm_loss"] - b["lm_loss"]) < TOL and abs(a["grad_norm"] - b["grad_norm"]) < TOL
-    assert _max_diff(_weights(runs / "two-ep"), _weights(runs / "one-ep")) < TOL
+    assert max_diff(exported_weights(runs / "two-ep"), exported_weights(runs / "one-ep")) < TOL
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process(runs: Path) -> None:
     checkpoint = runs / "two-token" / "checkpoints" / "step-00000002"
     resumed = run_sft(_recipe(runs, "resumed"), progress=False, resume=str(checkpoint))
     assert [r["step"] for r in read_metrics(runs / "resumed")] == [3]
-    assert _max_diff(_weights(Path(resumed["model_dir"]).parent), _weights(runs / "two-token")) < TOL
+    assert (
+        max_diff(exported_weights(Path(resumed["model_dir"]).parent), exported_weights(runs / "two-token"))
+        < TOL
+    )
 
 
 def test_a_step_that_cannot_be_shared_evenly_is_refused(runs: Path) -> None:
