@@ -19,6 +19,10 @@ is the same on every rank and does not depend on their number. A run's global ba
 it starts (``batch_size x grad_accum x`` ranks, recorded as ``data_parallel``): resumed on another
 number of ranks, each rank runs ``grad_accum x data_parallel / ranks`` micro-batches, so the steps
 see the same rows and the loss curve goes on as if never stopped (within reduction-order rounding).
+With context parallelism (``parallel.cp``) the ``cp`` ranks of a data-parallel slice read the same
+rows and each trains and validates on its piece of every sequence (``row_loss``'s shard); the
+model is then built on the meta device and each rank materialises its shards alone (as for any
+run on several ranks).
 """
 
 from __future__ import annotations
