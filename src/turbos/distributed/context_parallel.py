@@ -333,6 +333,11 @@ def context_parallel(
     return ContextParallel(model, group, mode)
 
 
+def sequence_piece(length: int, index: int, count: int) -> slice:
+    """Positions of piece ``index`` of ``count`` equal pieces of a sequence of ``length`` tokens."""
+    return slice(index * length // count, (index + 1) * length // count)
+
+
 def shard_sequence(
     input_ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +349,7 @@ def shard_sequence(
     if T % world:
         raise ValueError(f"sequence length {T} is not a multiple of the context-parallel degree {world}")
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    shard = slice(rank * T // world, (rank + 1) * T // world)
+    shard = sequence_piece(T, rank, world)
     return input_ids[:, shard], targets[:, shard]
 
 

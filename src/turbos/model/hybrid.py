@@ -254,18 +254,17 @@ class TurboSForCausalLM(nn.Module):
         in_apply_order: list[nn.Module] = []  # children before their parent, as nn.Module.apply
         self.apply(in_apply_order.append)
         for module in in_apply_order:
-            for owner, name, std in self._init_plan(module):
-                with whole(owner, [name]):
-                    param = getattr(owner, name)
-                    param.zero_() if std is None else param.normal_(0, std)
+            self._init_weights(module, whole)
 
     @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module, whole: WholeParams | None = None) -> None:
         """Normal(0, initializer_range); projections into the residual stream are scaled down by
-        1/sqrt(2 * layers) (GPT-2) so the residual grows slowly with depth (``_init_plan``)."""
+        1/sqrt(2 * layers) (GPT-2) so the residual grows slowly with depth (``_init_plan``;
+        ``whole`` as in ``init_weights``)."""
         for owner, name, std in self._init_plan(module):
-            param = getattr(owner, name)
-            param.zero_() if std is None else param.normal_(0, std)
+            with whole(owner, [name]) if whole else contextlib.nullcontext():
+                param = getattr(owner, name)
+                param.zero_() if std is None else param.normal_(0, std)
 
     def _init_plan(self, module: nn.Module) -> list[tuple[nn.Module, str, float | None]]:
         """What ``_init_weights`` draws for ``module``, in order: (owner, parameter name, std of

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from turbos.data.packing import eos_seq_idx
 from turbos.device import autocast_context
+from turbos.distributed.context_parallel import sequence_piece
 from turbos.model import TurboSForCausalLM
 from turbos.model.moe import MoEStats
 
@@ -37,8 +38,7 @@ def row_loss(
     the pieces' losses average to the whole rows' loss."""
     inputs, targets = rows[:, :-1], rows[:, 1:]
     if shard is not None:
-        index, count = shard
-        piece = slice(index * inputs.shape[1] // count, (index + 1) * inputs.shape[1] // count)
+        piece = sequence_piece(inputs.shape[1], *shard)
         inputs, targets = inputs[:, piece], targets[:, piece]
     seq_idx = None if eos_id is None else eos_seq_idx(inputs, eos_id)
     out = model(inputs, router_losses=True, seq_idx=seq_idx)
